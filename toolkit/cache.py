@@ -1,0 +1,101 @@
+"""Decode a list of image files once, in parallel, into one uint8 array, cached on disk.
+
+The cache key is a fingerprint of everything that decides the pixels: the file list with
+each file's size and modification time, the image size, the resize policy and the pixel
+cap. A changed, added or removed file changes the key, so a stale cache is never served.
+Location: data.cache_dir, else $TOOLKIT_CACHE_DIR, else ~/.cache/toolkit (XDG_CACHE_HOME
+respected). Entries are written to a temporary folder and renamed, so a crash never
+leaves a half-written entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from toolkit import images
+from toolkit.config import DataConfig
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the decoding definition in images.py changes
+CHUNK = 256  # files per task sent to a decode worker
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if os.environ.get("TOOLKIT_CACHE_DIR"):
+        return Path(os.environ["TOOLKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "toolkit"
+
+
+def fingerprint(files: list[str], cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels]).encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{os.path.abspath(f)}\0missing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_chunk(args) -> tuple[np.ndarray, np.ndarray]:
+    files, size, policy, max_pixels = args
+    out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
+    ok = np.zeros(len(files), dtype=bool)
+    for i, f in enumerate(files):
+        try:
+            out[i] = images.load(f, size, policy, max_pixels).transpose(2, 0, 1)
+            ok[i] = True
+        except images.DecodeError:
+            pass
+    return out, ok
+
+
+def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `files` with the shared preprocessing -> ((N, 3, H, W) uint8, (N,) bool ok)."""
+    workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
+    tasks = [(files[i : i + CHUNK], cfg.image_size, cfg.resize, cfg.max_image_pixels)
+             for i in range(0, len(files), CHUNK)]
+    if workers == 1 or len(tasks) == 1:
+        parts = [_decode_chunk(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_decode_chunk, tasks))
+    if not parts:
+        return np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8), np.zeros(0, bool)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def decode_cached(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`decode`, served from the on-disk cache when the fingerprint matches."""
+    key = fingerprint(files, cfg)
+    entry = cache_root(cfg) / key
+    if (entry / "done").exists():
+        log.info("decoded images from cache %s (%d files)", entry, len(files))
+        return np.load(entry / "images.npy"), np.load(entry / "ok.npy")
+    start = time.perf_counter()
+    x, ok = decode(files, cfg, workers)
+    log.info("decoded %d images in %.1f s; caching in %s", len(files), time.perf_counter() - start, entry)
+    tmp = entry.with_name(f"{key}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "images.npy", x)
+        np.save(tmp / "ok.npy", ok)
+        (tmp / "done").write_text(json.dumps({"files": len(files), "created": time.time()}))
+        os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp)
+    except OSError as e:  # a read-only or full cache location must not stop training
+        log.warning("could not write the decode cache at %s (%s); continuing without it", entry, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return x, ok

@@ -1,0 +1,167 @@
+"""Release weights (safetensors + Meta) and resume states (<run>/state/step-N/).
+
+Release weights hold the unwrapped fp32 state dict (never `module.` or `_orig_mod.`
+prefixes) and the Meta JSON in the safetensors header. Nothing here unpickles code:
+safetensors for tensors, JSON for bookkeeping, and torch.load(weights_only=True) only for
+the optimizer/RNG dicts of a resume state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolkit import UserError
+from toolkit.meta import META_KEY, Meta
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        while k.startswith(WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k.replace("._orig_mod.", ".")] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def assert_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save {what}: {', '.join(bad[:3])} hold NaN or Inf")
+
+
+def _atomic_save_file(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, meta: Meta, path: str | Path) -> None:
+    """Write the model's fp32 weights and `meta` to `path` (atomically; never NaN/Inf)."""
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in clean_state_dict(model.state_dict()).items()}
+    assert_finite(state, str(path))
+    _atomic_save_file(state, Path(path), {META_KEY: meta.to_json()})
+
+
+def weights_path(path: str | Path) -> Path:
+    """A .safetensors file, or a run directory (-> its best.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise UserError(f"no weights at '{path}'; give a .safetensors file or a run directory")
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Meta]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = weights_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"'{path}' is not a readable safetensors file ({e})") from None
+    if META_KEY not in header:
+        raise UserError(f"'{path}' has no toolkit metadata; was it written by `toolkit train`?")
+    return clean_state_dict(state), Meta.from_json(header[META_KEY], f"'{path}'")
+
+
+def build_model(path: str | Path) -> tuple[nn.Module, Meta]:
+    """A clean fp32 eval-mode model rebuilt from the weights file and its Meta."""
+    from toolkit.models import create_model
+
+    state, meta = load_weights(path)
+    model = create_model(meta.arch, meta.num_classes, meta.image_size)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"'{weights_path(path)}' does not match model {meta.arch}: {str(e).splitlines()[0]}") from None
+    return model.float().eval(), meta
+
+
+# --- resume states ---------------------------------------------------------------------------
+
+DONE = "done.json"  # written last: a state folder without it is incomplete and never resumed
+
+
+def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: dict, keep: int) -> Path:
+    """Write state_dir/step-<step>/ atomically: a temp folder renamed when complete.
+
+    `files` maps names to tensors dicts (.safetensors) or picklable-free dicts (.pt).
+    Older states beyond the newest `keep` are removed afterwards.
+    """
+    from safetensors.torch import save_file
+
+    final = state_dir / f"step-{step:09d}"
+    tmp = state_dir / f".tmp-step-{step:09d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, obj in files.items():
+        if name.endswith(".safetensors"):
+            save_file(obj, str(tmp / name))
+        else:
+            torch.save(obj, tmp / name)
+    (tmp / DONE).write_text(json.dumps(trainer, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(state_dir)
+    for old in list_states(state_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in sorted(path.iterdir()) + [path]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def list_states(state_dir: Path) -> list[Path]:
+    """Complete states, oldest first (half-written ones have no done marker and are skipped)."""
+    if not state_dir.is_dir():
+        return []
+    return sorted(p for p in state_dir.glob("step-*") if (p / DONE).is_file())
+
+
+def load_state(path: Path) -> tuple[dict, dict[str, object]]:
+    """-> (trainer dict, {file name: loaded object}); errors name the broken file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / DONE).is_file():
+        raise UserError(f"'{path}' is not a complete resume state (no {DONE})")
+    try:
+        trainer = json.loads((path / DONE).read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise UserError(f"resume state file '{path / DONE}' is damaged ({e})") from None
+    files = {}
+    for f in sorted(path.iterdir()):
+        if f.name == DONE:
+            continue
+        try:
+            if f.suffix == ".safetensors":
+                files[f.name] = load_file(str(f))
+            else:
+                files[f.name] = torch.load(f, map_location="cpu", weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+            raise UserError(f"resume state file '{f}' is damaged ({str(e).splitlines()[0]})") from None
+    return trainer, files

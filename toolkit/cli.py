@@ -1,0 +1,149 @@
+"""`toolkit` command line: data, train, evaluate, export, predict, models.
+
+Each command imports its stage lazily, so `toolkit --help` and `toolkit predict` start
+fast and predict never imports torch. Errors a user can cause are one line; --debug
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from toolkit import UserError, __version__
+
+EPILOG = """examples:
+  toolkit data shapes data/shapes
+  toolkit train configs/quickstart.yaml train.epochs=5 optim.lr=0.1
+  accelerate launch --config_file launch/cpu_ddp.yaml -m toolkit train configs/quickstart.yaml
+  toolkit evaluate runs/quickstart data/shapes/val
+  toolkit export runs/quickstart -o exported/quickstart.onnx
+  toolkit predict exported/quickstart.onnx data/shapes/val -o predictions.csv
+"""
+
+
+def cmd_data(args) -> None:
+    from toolkit import shapes
+
+    if args.out.exists():
+        raise UserError(f"'{args.out}' already exists; choose a new folder or remove it")
+    shapes.generate(args.out, args.train_per_class, args.val_per_class, seed=args.seed, size=args.size)
+    n = (args.train_per_class + args.val_per_class) * len(shapes.CLASSES)
+    logging.getLogger("toolkit").info("wrote %d images of %d classes", n, len(shapes.CLASSES))
+    print(args.out)
+
+
+def cmd_train(args) -> None:
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(run_dir)
+
+
+def cmd_evaluate(args) -> None:
+    from toolkit.evaluate import evaluate_folder, format_result
+
+    result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size)
+    if args.json:
+        import json
+
+        print(json.dumps(result))
+    else:
+        print(format_result(result))
+
+
+def cmd_export(args) -> None:
+    from toolkit.export import export
+
+    out = export(args.checkpoint, args.output, data_dir=args.data)
+    print(out)
+
+
+def cmd_predict(args) -> None:
+    from toolkit.predict import predict
+
+    summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk)
+    print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
+
+
+def cmd_models(args) -> None:
+    from toolkit.models import list_models
+
+    for name, doc in list_models().items():
+        print(f"{name:<18} {doc}")
+    print(f"{'timm/<name>':<18} any timm model, with the timm extra (pip install 'toolkit[timm]')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="toolkit", description="Train, export and run image classifiers.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"toolkit {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help, example):
+        sp = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    d = add("data", cmd_data, "generate the built-in shapes dataset", "toolkit data shapes data/shapes")
+    d.add_argument("kind", choices=["shapes"])
+    d.add_argument("out", type=Path, help="folder to create (OUT/train/<class>/, OUT/val/<class>/)")
+    d.add_argument("--train-per-class", type=int, default=500)
+    d.add_argument("--val-per-class", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", type=int, default=32, help="image side in pixels")
+
+    t = add("train", cmd_train, "train a model from a YAML config and key=value overrides",
+            "toolkit train configs/quickstart.yaml train.epochs=3 data.batch_size=128")
+    t.add_argument("config", help="experiment YAML (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=0.1 model.arch=resnet_small")
+
+    e = add("evaluate", cmd_evaluate, "accuracy, per-class accuracy and confusion of a model on a labelled folder",
+            "toolkit evaluate exported/quickstart.onnx data/shapes/val --json")
+    e.add_argument("model", help=".onnx file, .safetensors file or run directory")
+    e.add_argument("data_dir", help="folder with one subfolder of images per class")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--batch-size", type=int, default=64)
+
+    x = add("export", cmd_export, "export weights to a verified ONNX file with embedded metadata",
+            "toolkit export runs/quickstart -o exported/quickstart.onnx")
+    x.add_argument("checkpoint", help=".safetensors file or run directory (its best.safetensors)")
+    x.add_argument("-o", "--output", help="default: exported/<run name>.onnx")
+    x.add_argument("--data", help="labelled folder for the numerical check (default: the run's validation data)")
+
+    r = add("predict", cmd_predict, "predict every image under a folder with an ONNX model",
+            "toolkit predict exported/quickstart.onnx photos/ -o predictions.csv --topk 3")
+    r.add_argument("model", help="ONNX file written by toolkit export")
+    r.add_argument("input_dir", help="folder of images (searched recursively)")
+    r.add_argument("-o", "--output", default="predictions.csv", help=".csv or .jsonl (default predictions.csv)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--topk", type=int, default=1, help="also write the k best classes and probabilities")
+
+    add("models", cmd_models, "list the registered model architectures", "toolkit models")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("toolkit").setLevel(logging.INFO)
+    try:
+        args.fn(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

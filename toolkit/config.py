@@ -1,0 +1,270 @@
+"""Typed experiment configuration: YAML file + ``key=value`` overrides -> nested dataclasses.
+
+The dataclasses below are the single source of truth for every key and default. A YAML file
+holds only what differs from them. Unknown keys and ill-typed values are rejected with one
+sentence naming the key (and the closest valid key for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from toolkit import UserError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # shapes | imagefolder | cifar10
+    root: str = "data/shapes"  # shapes: generated here on first use when missing
+    image_size: int = 32  # pixels; images are square after preprocessing
+    resize: str = "center_crop"  # center_crop (shorter side, then crop) | squash (ignore aspect)
+    batch_size: int = 64  # per process; global batch = batch_size * processes * train.grad_accum
+    val_fraction: float = 0.1  # imagefolder without val/: seeded split of train/
+    augment: bool = True  # random crop with padding + horizontal flip, on whole batches
+    crop_padding: int = 4  # pixels of zero padding around the random crop
+    hflip: bool = True  # random horizontal flip with p=0.5
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, [0, 1] scale
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    cache: str = "auto"  # auto | memory | stream: decoded uint8 tensors in memory, or decode every epoch
+    cache_dir: str = ""  # decoded-dataset cache; "" = $TOOLKIT_CACHE_DIR or ~/.cache/toolkit
+    memory_limit_gb: float = 8.0  # cache=auto keeps a dataset in memory below this decoded size
+    num_workers: int = -1  # decode processes; -1 = one per core
+    max_image_pixels: int = 89_478_485  # refuse larger images (decompression bombs); PIL's default
+    download: bool = True  # cifar10: download when root has no copy
+    train_per_class: int = 500  # shapes: images generated per class
+    val_per_class: int = 100
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "tutorial_net"  # see `toolkit models`; timm/<name> with the timm extra
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when running several processes
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # peak learning rate, reached after warmup
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    weight_decay: float = 5e-4  # not applied to biases and norm weights
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 0.5  # linear warmup from lr/10 (cosine, constant)
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio (cosine)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    out_dir: str = "runs"  # run directory: out_dir/<name> (a suffix -2, -3... when it exists)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float = 0.0  # max global L2 norm of gradients; 0 = off
+    label_smoothing: float = 0.0
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    eval_tta: bool = False  # average logits of the image and its horizontal flip
+    checkpoint_every: int = 0  # optimizer steps between resume states; 0 = epoch ends only
+    keep_states: int = 2  # newest resume states kept in <run>/state/
+    resume: str = ""  # "" = new run, auto = newest complete state of out_dir/<name>, or a state path
+    compile: bool = False  # torch.compile the model
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    log_with: str = ""  # accelerate tracker: tensorboard | wandb | mlflow | ... ; "" = none
+    progress: bool = True  # progress bar on the main process (plain lines when not a terminal)
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run directory name under train.out_dir
+    seed: int = 0  # seeds weights, shuffling and augmentation
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that decides what is trained (not where it is written)."""
+        d = self.to_dict()
+        for key in ("out_dir", "resume", "progress", "log_with"):
+            d["train"].pop(key)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CHOICES = {
+    "data.kind": ("shapes", "imagefolder", "cifar10"),
+    "data.resize": ("center_crop", "squash"),
+    "data.cache": ("auto", "memory", "stream"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "onecycle", "constant"),
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key, e.g. ['name', 'seed', 'data.kind', ...]."""
+    keys = []
+    hints = _hints(cls)
+    for name in _fields(cls):
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            keys += valid_keys(t, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    if not close:  # a typo in the section part still deserves a suggestion
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `toolkit train --help` for the keys"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value, t):
+    """Check `value` against the annotated type `t`; convert only where lossless and obvious."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        t = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(t)
+    if origin is list:
+        (item_t,) = typing.get_args(t)
+        if isinstance(value, str):  # `data.mean=0.5,0.5,0.5` on the command line
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_t) for i, v in enumerate(value)]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif t is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key '{key}' must be {t.__name__}, got {value!r}")
+
+
+def _apply(obj, updates: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = _fields(type(obj))
+    for name, value in updates.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown_key(key)
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(value, dict):
+                raise UserError(f"config section '{key}' must be a mapping of keys, got {value!r}")
+            _apply(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, t))
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.keep_states": cfg.train.keep_states,
+        "train.eval_every": cfg.train.eval_every,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be positive; got {value}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise UserError(f"config key 'data.val_fraction' must be between 0 and 1; got {cfg.data.val_fraction}")
+    for key in ("data.mean", "data.std"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if len(value) != 3:
+            raise UserError(f"config key '{key}' needs 3 values (R, G, B); got {value}")
+    if min(cfg.data.std) <= 0:
+        raise UserError(f"config key 'data.std' must be positive; got {cfg.data.std}")
+    if not cfg.name or "/" in cfg.name:
+        raise UserError(f"config key 'name' must be a non-empty name without '/'; got '{cfg.name}'")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['optim.lr=0.1', 'train.epochs=3'] -> {'optim': {'lr': 0.1}, 'train': {'epochs': 3}}."""
+    nested: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override '{pair}' must look like key=value, e.g. train.epochs=5")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        *sections, leaf = key.strip().split(".")
+        node = nested
+        for s in sections:
+            node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise _unknown_key(key)
+        node[leaf] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- key=value overrides, checked and validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of keys")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(list(overrides)))
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,291 @@
+"""Datasets (shapes | imagefolder | cifar10) as uint8 images + labels, and how batches are drawn.
+
+Two sources give the same (B, 3, H, W) uint8 batches:
+  memory  the split decoded once into one uint8 tensor (cached on disk, see cache.py),
+          moved to the device once, indexed per batch: no per-sample Python.
+  stream  files decoded every epoch by DataLoader workers, for data larger than memory.
+Augmentation (random crop with padding, flip) and normalisation happen afterwards on the
+device, on whole batches, identically for both sources.
+
+Randomness is counter-based: the shuffle of epoch e and the augmentation of sample i in
+epoch e come from generators seeded with (seed, e). Nothing depends on the rank, the world
+size or how far a previous process got, which is what makes resume exact and makes 2
+processes with batch B/2 see the same samples as 1 process with batch B.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit import UserError, images
+from toolkit.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    labels: torch.Tensor  # (N,) int64
+    images: torch.Tensor | None = None  # (N, 3, H, W) uint8, when in memory
+    files: list[str] | None = None  # absolute paths, when streamed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    train: Split
+    val: Split
+    val_dir: str | None  # folder of class subfolders holding the validation images, if any
+
+
+# --- finding the data ------------------------------------------------------------------------
+
+
+def _split_folder(root: Path, cfg: DataConfig, seed: int):
+    """(classes, train files, train labels, val files, val labels, val_dir) of an image folder."""
+    if not root.is_dir():
+        raise UserError(f"data.root '{root}' does not exist; point it at a folder of class subfolders")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes, rel, labels = images.find_labelled(train_dir)
+    if len(classes) < 2:
+        raise UserError(f"data.root '{train_dir}' needs at least two class subfolders; found {len(classes)}")
+    files = [str(train_dir / p) for p in rel]
+    if not files:
+        raise UserError(f"data.root '{train_dir}' holds no image files ({', '.join(images.IMAGE_EXTENSIONS)})")
+    labels = np.asarray(labels, dtype=np.int64)
+    val_dir = root / "val"
+    if val_dir.is_dir():
+        val_classes, vrel, vlabels = images.find_labelled(val_dir)
+        extra = sorted(set(val_classes) - set(classes))
+        if extra:
+            raise UserError(f"'{val_dir}' has classes missing from '{train_dir}': {', '.join(extra)}")
+        remap = {i: classes.index(c) for i, c in enumerate(val_classes)}
+        vfiles = [str(val_dir / p) for p in vrel]
+        vlabels = np.asarray([remap[v] for v in vlabels], dtype=np.int64)
+        return classes, files, labels, vfiles, vlabels, str(val_dir)
+    # no val/: a seeded, stratified split of train/ (same split on every run with this seed)
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(len(files), dtype=bool)
+    for c in range(len(classes)):
+        idx = np.flatnonzero(labels == c)
+        n_val = max(1, round(len(idx) * cfg.val_fraction)) if len(idx) > 1 else 0
+        val_mask[rng.permutation(idx)[:n_val]] = True
+    files_arr = np.asarray(files, dtype=object)
+    return (classes, list(files_arr[~val_mask]), labels[~val_mask],
+            list(files_arr[val_mask]), labels[val_mask], None)
+
+
+def _cifar10(cfg: DataConfig) -> Dataset:
+    from toolkit.cifar import load_cifar10
+
+    classes, (xtr, ytr), (xva, yva) = load_cifar10(cfg.root, download=cfg.download)
+    if cfg.image_size != xtr.shape[1]:  # resize with the shared definition, as predict would
+        from PIL import Image
+
+        def resize_all(x):
+            return np.stack([images.resize(Image.fromarray(a), cfg.image_size, cfg.resize) for a in x])
+
+        xtr, xva = resize_all(xtr), resize_all(xva)
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return Dataset(classes, Split(torch.from_numpy(ytr), to_t(xtr)), Split(torch.from_numpy(yva), to_t(xva)), None)
+
+
+def ensure_shapes(cfg: DataConfig, seed: int) -> None:
+    """Generate the built-in dataset at data.root when it is not there yet."""
+    root = Path(cfg.root)
+    if root.exists():
+        return
+    from toolkit import shapes
+
+    log.info("generating the shapes dataset at %s (%d + %d images per class)",
+             root, cfg.train_per_class, cfg.val_per_class)
+    shapes.generate(root, cfg.train_per_class, cfg.val_per_class, seed=seed, size=cfg.image_size)
+
+
+def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Dataset:
+    """Find, split and (for cache=memory, or auto when small enough) decode the dataset.
+
+    Call under `accelerator.main_process_first()` so one process generates and caches.
+    """
+    if cfg.kind == "cifar10":
+        return _cifar10(cfg)
+    if cfg.kind == "shapes":
+        ensure_shapes(cfg, seed)
+    classes, tf, tl, vf, vl, val_dir = _split_folder(Path(cfg.root), cfg, seed)
+    if not len(vf):
+        raise UserError(f"data.root '{cfg.root}' gives no validation images; add a val/ folder or more images")
+    decoded_gb = (len(tf) + len(vf)) * cfg.image_size**2 * 3 / 1e9
+    in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and decoded_gb <= cfg.memory_limit_gb)
+    if not in_memory:
+        log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(tf), len(vf), decoded_gb)
+        return Dataset(classes, Split(torch.from_numpy(tl), files=tf), Split(torch.from_numpy(vl), files=vf), val_dir)
+    from toolkit.cache import decode_cached
+
+    splits = []
+    for files, labels in ((tf, tl), (vf, vl)):
+        x, ok = decode_cached(files, cfg, workers)
+        if not ok.all():
+            bad = [f for f, good in zip(files, ok) if not good]
+            log.warning("skipping %d unreadable images, e.g. %s", len(bad), ", ".join(bad[:3]))
+        splits.append(Split(torch.from_numpy(labels[ok]), torch.from_numpy(x[ok])))
+    return Dataset(classes, splits[0], splits[1], val_dir)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
+    g = torch.Generator()
+    g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # well mixed, stable across Python versions
+    return g
+
+
+class TrainPlan:
+    """Which sample indices each process trains on, batch by batch, in each epoch.
+
+    The epoch's permutation is cut to a multiple of the world size and dealt round-robin,
+    like DistributedSampler: process r gets perm[r::world]. Batch k of every process
+    together is perm[k*B*world : (k+1)*B*world], the same samples a single process with
+    batch B*world takes at step k. The batch count is a multiple of grad_accum, so an
+    optimizer step never straddles two epochs.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.per_rank = n // world
+        batches = math.ceil(self.per_rank / batch_size)
+        self.num_batches = batches - batches % grad_accum
+        if self.num_batches == 0:
+            raise UserError(
+                f"the training set ({n} images) is too small for data.batch_size={batch_size} x "
+                f"{world} processes x train.grad_accum={grad_accum}; lower one of them"
+            )
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=_generator(self.seed, epoch, 0))
+
+    def batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
+        """Index batches of this process for `epoch`, from batch `start` on."""
+        mine = self.permutation(epoch)[: self.per_rank * self.world][self.rank :: self.world]
+        b = self.batch_size
+        return [mine[k * b : (k + 1) * b] for k in range(start, self.num_batches)]
+
+    def augment_params(self, epoch: int, pad: int) -> torch.Tensor:
+        """(N, 3) int64 per-sample crop offsets dy, dx in [0, 2*pad] and a flip bit, for `epoch`."""
+        g = _generator(self.seed, epoch, 1)
+        return torch.cat([torch.randint(0, 2 * pad + 1, (self.n, 2), generator=g),
+                          torch.randint(0, 2, (self.n, 1), generator=g)], 1)
+
+
+def eval_shards(n: int, world: int, rank: int, batch_size: int) -> list[torch.Tensor]:
+    """This process's validation indices (r::world, disjoint: each image counted once), batched."""
+    mine = torch.arange(rank, n, world)
+    return list(mine.split(batch_size)) if len(mine) else []
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip of a whole batch, on x's device.
+
+    x: (B, 3, H, W) uint8; params: (B, 3) int64 from TrainPlan.augment_params.
+    Output pixel (i, j) of sample b is padded[b, :, dy + i, dx + j], with j mirrored
+    (W-1-j) when the flip bit is set: two gathers, no per-sample Python.
+    """
+    B, C, H, W = x.shape
+    params = params.to(x.device, non_blocking=True)
+    dy, dx, flipped = params[:, 0:1], params[:, 1:2], params[:, 2:3].bool()
+    if not pad:
+        dy, dx = torch.zeros_like(dy), torch.zeros_like(dx)
+    if not flip:
+        flipped = torch.zeros_like(flipped)
+    if pad:
+        x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = dy + torch.arange(H, device=x.device)  # (B, H)
+    cols_fwd = torch.arange(W, device=x.device)
+    cols = dx + torch.where(flipped, W - 1 - cols_fwd, cols_fwd)  # (B, W)
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, H, x.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
+class Normalize(torch.nn.Module):
+    """uint8 or [0, 1] float (B, 3, H, W) -> (x - mean) / std. Used in training and in the ONNX graph."""
+
+    def __init__(self, mean, std, scale: float = 1.0 / 255):
+        super().__init__()
+        self.scale = scale
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.scale - self.mean) / self.std
+
+
+# --- the streaming source --------------------------------------------------------------------
+
+
+class FileImages(torch.utils.data.Dataset):
+    """Decode files in DataLoader workers; an unreadable file gives label -100 (ignored by the loss)."""
+
+    def __init__(self, files: list[str], labels: torch.Tensor, cfg: DataConfig):
+        self.files, self.labels, self.cfg = files, labels, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            a = images.load(self.files[i], self.cfg.image_size, self.cfg.resize, self.cfg.max_image_pixels)
+            return torch.from_numpy(a).permute(2, 0, 1), self.labels[i]
+        except images.DecodeError as e:
+            log.warning("skipping %s: %s", self.files[i], e)
+            return torch.zeros(3, self.cfg.image_size, self.cfg.image_size, dtype=torch.uint8), torch.tensor(-100)
+
+
+class _IndexBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set before each pass (so workers can persist)."""
+
+    def __init__(self):
+        self.current: list[torch.Tensor] = []
+
+    def __iter__(self):
+        return iter([b.tolist() for b in self.current])
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+
+class BatchSource:
+    """Index batches -> (x uint8 (B, 3, H, W), y int64 (B,)) on `device`, from memory or files."""
+
+    def __init__(self, split: Split, cfg: DataConfig, device: torch.device, workers: int):
+        self.split, self.device = split, device
+        self.labels = split.labels.to(device)
+        if split.images is not None:
+            self.images = split.images.to(device)  # once: the whole split lives on the device
+            self.loader = None
+        else:
+            self.sampler = _IndexBatches()
+            self.loader = torch.utils.data.DataLoader(
+                FileImages(split.files, split.labels, cfg), batch_sampler=self.sampler,
+                num_workers=workers, pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            )
+
+    def __call__(self, batches: list[torch.Tensor]):
+        if self.loader is None:
+            for idx in batches:
+                idx = idx.to(self.device, non_blocking=True)
+                yield self.images[idx], self.labels[idx]
+            return
+        self.sampler.current = batches
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

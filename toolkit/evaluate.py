@@ -1,0 +1,78 @@
+"""Accuracy of a model (ONNX file, safetensors file or run directory) on a labelled folder.
+
+Uses the same decoding as validation and predict, so an exported model evaluated on the
+validation folder reproduces the accuracy training reported for its checkpoint.
+An ONNX model is run with onnxruntime alone; weights are run with torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolkit import UserError, images
+from toolkit.predict import iter_batches
+
+
+def _scorer(model: str | Path):
+    """-> (class names, image size, resize policy, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
+    if str(model).lower().endswith(".onnx"):
+        from toolkit.predict import OnnxClassifier
+
+        clf = OnnxClassifier(model)
+        return clf.meta, lambda px: clf.logits(px).argmax(1)
+
+    import torch
+
+    from toolkit.checkpoint import build_model
+    from toolkit.data import Normalize
+
+    net, meta = build_model(model)
+    norm = Normalize(meta.mean, meta.std)
+
+    def predict(px: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(norm(torch.from_numpy(px).permute(0, 3, 1, 2))).argmax(1).numpy()
+
+    return meta, predict
+
+
+def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None) -> dict:
+    """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`."""
+    meta, predict = _scorer(model)
+    try:
+        folder_classes, paths, labels = images.find_labelled(data_dir)
+    except FileNotFoundError:
+        raise UserError(f"data folder '{data_dir}' does not exist") from None
+    unknown = sorted(set(folder_classes) - set(meta.class_names))
+    if unknown:
+        raise UserError(f"'{data_dir}' has class folders the model does not know: {', '.join(unknown[:5])}")
+    if not paths:
+        raise UserError(f"'{data_dir}' has no images in class subfolders")
+    to_model = np.array([meta.class_names.index(c) for c in folder_classes])
+    truth = to_model[np.asarray(labels)]
+    k = meta.num_classes
+    confusion = np.zeros((k, k), dtype=np.int64)
+    failed, pos = 0, 0
+    for batch in iter_batches(data_dir, paths, meta.image_size, meta.resize, batch_size, workers):
+        y = truth[pos : pos + len(batch.paths)][batch.ok]
+        pos += len(batch.paths)
+        failed += int((~batch.ok).sum())
+        if len(batch.pixels):
+            np.add.at(confusion, (y, predict(batch.pixels)), 1)
+    n = int(confusion.sum())
+    per_class = {name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
+                 for i, name in enumerate(meta.class_names)}
+    return {"model": str(model), "data": str(data_dir), "accuracy": float(np.trace(confusion) / n) if n else 0.0,
+            "n": n, "correct": int(np.trace(confusion)), "failed": failed, "per_class": per_class,
+            "classes": meta.class_names, "confusion": confusion.tolist()}
+
+
+def format_result(r: dict) -> str:
+    from toolkit.report import format_table, per_class_rows
+
+    lines = [f"accuracy {100 * r['accuracy']:.2f}% ({r['correct']}/{r['n']} images"
+             + (f", {r['failed']} unreadable)" if r["failed"] else ")"),
+             format_table(per_class_rows(r["confusion"], r["classes"]))]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Image files: finding them, decoding them, and the one preprocessing definition.
+
+decode -> RGB uint8 -> resize (policy) is defined here once and used by training's
+validation, the export check and prediction, so that `predict` sees exactly the pixels
+that validation saw. Normalisation (mean/std) happens later, on the device or inside
+the exported graph. numpy and PIL only: predict imports this without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+RESIZE_POLICIES = ("center_crop", "squash")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
+
+
+class DecodeError(Exception):
+    """A file that cannot be turned into an RGB image; the message is a short reason."""
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Image-looking paths under `root`, relative to it, in a deterministic (sorted) order.
+
+    Symlinks to files are followed (a dangling one is still listed and fails at decode);
+    a folder named like an image is listed (and fails at decode), and its contents too.
+    """
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        # a folder named like an image is listed too: it gets an answer ("is a folder"), not silence
+        for name in filenames + dirnames:
+            if is_image_name(name) and not name.startswith("."):
+                found.append(str(rel / name) if rel.parts else name)
+    return sorted(found)
+
+
+def find_labelled(root: str | Path) -> tuple[list[str], list[str], list[int]]:
+    """A folder of class subfolders -> (class names sorted, paths relative to root, labels)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder '{root}' does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for rel in find_images(root / name):
+            paths.append(f"{name}/{rel}")
+            labels.append(label)
+    return classes, paths, labels
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha over white, 16-bit grey scaled down, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "F" and a.max(initial=0) > 255:  # 16-bit range
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | None = None) -> Image.Image:
+    """Decode `path` as an RGB image, first frame, EXIF orientation applied.
+
+    Raises DecodeError with a short reason. The pixel cap is checked from the header,
+    before any pixel data is decoded. `draft_size` lets JPEG decode at a reduced scale
+    (never below that size on the shorter side), which is much faster for big photos.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DecodeError("is a folder")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DecodeError("missing or dangling link") from None
+    except OSError as e:
+        raise DecodeError(f"unreadable ({e.strerror or e})") from None
+    if size == 0:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(f"too many pixels ({w}x{h} > {max_pixels})")
+            if draft_size and img.format == "JPEG":
+                scale = draft_size / min(w, h)
+                img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DecodeError(f"too many pixels (over {max_pixels})") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in reason.lower() or isinstance(e, EOFError):
+            reason = "truncated image"
+        raise DecodeError(f"corrupt image ({reason})") from None
+
+
+def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarray:
+    """RGB PIL image -> (size, size, 3) uint8.
+
+    center_crop: scale the shorter side to `size` and cut the centre square.
+    squash: scale both sides to `size`, ignoring the aspect ratio.
+    Downscaling is antialiased (PIL's bilinear filter widens with the scale).
+    """
+    w, h = img.size
+    if (w, h) != (size, size):
+        if policy == "squash":
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        elif policy == "center_crop":
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+        else:
+            raise ValueError(f"unknown resize policy '{policy}'; use one of {', '.join(RESIZE_POLICIES)}")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load(path: str | Path, size: int, policy: str = "center_crop", max_pixels: int = 89_478_485) -> np.ndarray:
+    """The preprocessing definition: file -> (size, size, 3) uint8 RGB. Raises DecodeError."""
+    img = open_rgb(path, max_pixels=max_pixels, draft_size=size)
+    return resize(img, size, policy)

@@ -1,0 +1,137 @@
+"""Model registry: `create_model(arch, num_classes, image_size)`.
+
+Every model takes a normalised float batch (B, 3, H, W) and returns logits (B, num_classes).
+Register a new one with @register_model; tests, `toolkit models` and the docs enumerate
+the registry, so a registered model is tested for free.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from toolkit import UserError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> dict[str, str]:
+    """Registered names -> first line of their docstring."""
+    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in sorted(_REGISTRY.items())}
+
+
+def create_model(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    """Build a fresh model. `timm/<name>` builds a timm model (needs the timm extra)."""
+    if arch.startswith("timm/"):
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"model.arch '{arch}' needs timm: pip install 'toolkit[timm]'") from None
+        try:
+            return timm.create_model(arch[len("timm/"):], pretrained=False, num_classes=num_classes)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise UserError(f"model.arch '{arch}': {e}") from None
+    if arch not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(arch, list(_REGISTRY), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(_REGISTRY))}"
+        raise UserError(f"unknown model.arch '{arch}'{hint}")
+    return _REGISTRY[arch](num_classes=num_classes, image_size=image_size)
+
+
+# --- the classic PyTorch CIFAR-10 tutorial network -------------------------------------------
+
+
+class TutorialNet(nn.Module):
+    """conv 5x5 -> pool -> conv 5x5 -> pool -> fc 120 -> fc 84 -> fc classes, ReLU."""
+
+    def __init__(self, num_classes: int, image_size: int = 32, batch_norm: bool = False):
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2  # spatial size after both conv+pool: 5 at 32 px
+        if side < 1:
+            raise UserError(f"tutorial_net needs data.image_size >= 16; got {image_size}")
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.bn1 = nn.BatchNorm2d(6) if batch_norm else nn.Identity()
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.bn2 = nn.BatchNorm2d(16) if batch_norm else nn.Identity()
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(16 * side * side, 120)  # 400 -> 120 at 32 px, as in the tutorial
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+@register_model
+def tutorial_net(num_classes: int, image_size: int = 32) -> nn.Module:
+    """The classic PyTorch CIFAR-10 tutorial CNN (62k parameters at 10 classes)."""
+    return TutorialNet(num_classes, image_size, batch_norm=False)
+
+
+@register_model
+def tutorial_net_bn(num_classes: int, image_size: int = 32) -> nn.Module:
+    """The tutorial CNN with BatchNorm after each convolution: trains faster and steadier."""
+    return TutorialNet(num_classes, image_size, batch_norm=True)
+
+
+# --- residual networks for small images ------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a shortcut (1x1 conv when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv_bn(c_in, c_out, stride)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """A ResNet for small images: 3x3 stem, one BasicBlock per stage, global average pool."""
+
+    def __init__(self, num_classes: int, widths=(32, 64, 128)):
+        super().__init__()
+        self.stem = conv_bn(3, widths[0])
+        stages, c = [], widths[0]
+        for i, w in enumerate(widths):
+            stages.append(BasicBlock(c, w, stride=1 if i == 0 else 2))
+            c = w
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model
+def resnet_small(num_classes: int, image_size: int = 32) -> nn.Module:
+    """Small residual CNN (32-64-128 channels, 0.7M parameters); any image size."""
+    return ResNetSmall(num_classes, widths=(32, 64, 128))
