@@ -94,7 +94,10 @@ def decode_cached(files: list[str], cfg: DataConfig, workers: int | None = None)
         np.save(tmp / "images.npy", x)
         np.save(tmp / "ok.npy", ok)
         (tmp / "done").write_text(json.dumps({"files": len(files), "created": time.time()}))
-        os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp)
+        if not (entry / "done").exists():  # else another process finished the same entry first
+            shutil.rmtree(entry, ignore_errors=True)  # a leftover without its marker is not trusted
+            os.replace(tmp, entry)
+        shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:  # a read-only or full cache location must not stop training
         log.warning("could not write the decode cache at %s (%s); continuing without it", entry, e)
         shutil.rmtree(tmp, ignore_errors=True)

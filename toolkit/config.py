@@ -189,6 +189,9 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
     for name, value in updates.items():
         key = prefix + str(name)
         if name not in names:
+            while isinstance(value, dict) and value:  # report the full key of a misspelt section
+                sub, value = next(iter(value.items()))
+                key += f".{sub}"
             raise _unknown_key(key)
         t = hints[name]
         if dataclasses.is_dataclass(t):

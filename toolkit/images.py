@@ -142,7 +142,7 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarr
             img = img.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
         else:
             raise ValueError(f"unknown resize policy '{policy}'; use one of {', '.join(RESIZE_POLICIES)}")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def load(path: str | Path, size: int, policy: str = "center_crop", max_pixels: int = 89_478_485) -> np.ndarray:

@@ -35,12 +35,13 @@ class NonFiniteLoss(RuntimeError):
 def resolve_run_dir(cfg: Config) -> Path:
     """out_dir/name; a new run never reuses a folder with contents (name-2, name-3, ... instead)."""
     base = Path(cfg.train.out_dir) / cfg.name
-    if cfg.train.resume == "auto" or not base.exists() or not any(base.iterdir()):
+    if cfg.train.resume == "auto":
         return base
-    i = 2
-    while (base.parent / f"{cfg.name}-{i}").exists():
+    candidate, i = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
         i += 1
-    return base.parent / f"{cfg.name}-{i}"
+        candidate = base.with_name(f"{cfg.name}-{i}")
+    return candidate
 
 
 def lr_at(step: int, total: int, steps_per_epoch: int, cfg) -> float:

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny shapes dataset and one tiny trained run, made once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Decode caches of the tests go to a temporary folder, never the user's ~/.cache."""
+    os.environ["TOOLKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def run_toolkit(*args, check: bool = True, env: dict | None = None, timeout: float = 300, cwd=None):
+    """Run `python -m toolkit ARGS` in a fresh process; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"toolkit {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """20 train + 10 val images per class of the built-in data."""
+    from toolkit import shapes
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    shapes.generate(out, train_per_class=20, val_per_class=10, seed=0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_dir, tmp_path_factory) -> Path:
+    """A run directory trained for 3 short epochs on shapes_dir (tutorial_net_bn)."""
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(ROOT / "configs/quickstart.yaml",
+                      [f"data.root={shapes_dir}", f"train.out_dir={out}", "train.epochs=3", "data.batch_size=32",
+                       "train.progress=false"])
+    return train(cfg)

@@ -1,0 +1,59 @@
+"""The command line end to end, each command in a fresh process as a user would run it."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_toolkit
+
+
+def test_help_for_every_command_has_an_example():
+    top = run_toolkit("--help").stdout
+    for command in ("data", "train", "evaluate", "export", "predict", "models"):
+        assert command in top
+        assert "example" in run_toolkit(command, "--help").stdout
+
+
+def test_models_lists_the_registry():
+    out = run_toolkit("models").stdout
+    assert "tutorial_net " in out and "resnet_small" in out and "timm/<name>" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "configs/quickstart.yaml", "optim.lrr=1"], "error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["train", "configs/nope.yaml"], "error: config file 'configs/nope.yaml' does not exist"),
+    (["evaluate", "nope.onnx", "."], "error: model file 'nope.onnx' does not exist"),
+    (["export", "nope/"], "error: no weights at 'nope'"),
+])
+def test_user_errors_are_one_line_without_traceback(args, message):
+    proc = run_toolkit(*args, check=False, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_export_predict_evaluate(tmp_path):
+    data = tmp_path / "shapes"
+    assert run_toolkit("data", "shapes", data, "--train-per-class", 12, "--val-per-class", 5).stdout.strip() == str(data)
+    proc = run_toolkit("train", ROOT / "configs/quickstart.yaml", f"data.root={data}", f"train.out_dir={tmp_path}/runs",
+                       "train.epochs=2", "name=cli")
+    run = Path(proc.stdout.strip().splitlines()[-1])  # the run directory is the last line
+    assert run == tmp_path / "runs" / "cli" and (run / "best.safetensors").is_file()
+    best = max((json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()),
+               key=lambda r: r["val_accuracy"])
+
+    onnx_path = Path(run_toolkit("export", run, "-o", tmp_path / "m.onnx").stdout.strip().splitlines()[-1])
+    assert onnx_path == tmp_path / "m.onnx" and onnx_path.stat().st_size > 10_000
+
+    run_toolkit("predict", onnx_path, data / "val", "-o", tmp_path / "p.csv", "--topk", "2")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 50 and all(not r["error"] for r in rows)
+
+    for model in (onnx_path, run):
+        result = json.loads(run_toolkit("evaluate", model, data / "val", "--json").stdout)
+        assert result["n"] == best["val_count"] == 50
+        assert result["correct"] == round(best["val_accuracy"] * 50)
+        assert set(result["per_class"]) == {p.name for p in (data / "val").iterdir()}
+    assert sum(r["label"] == r["path"].split("/")[0] for r in rows) == result["correct"]

@@ -1,0 +1,85 @@
+import pytest
+from toolkit import UserError
+from toolkit.config import Config, load_config, parse_overrides, save_config
+
+
+def test_defaults_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: exp\noptim:\n  lr: 0.2\ntrain:\n  epochs: 7\n")
+    cfg = load_config(path, ["optim.lr=1e-3", "data.mean=0.5,0.4,0.3", "train.compile=true", "data.batch_size=16"])
+    assert cfg.name == "exp"
+    assert cfg.train.epochs == 7
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as str
+    assert cfg.data.mean == [0.5, 0.4, 0.3]
+    assert cfg.train.compile is True
+    assert cfg.data.batch_size == 16
+    assert cfg.data.kind == Config().data.kind  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("optim.lrr=0.1", "optim.lr"),
+    ("trian.epochs=3", "train.epochs"),
+    ("data.batchsize=3", "data.batch_size"),
+    ("epochs=3", "train.epochs"),
+])
+def test_unknown_key_names_the_closest_valid_key(override, suggestion):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert f"'{suggestion}'" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  arc: resnet_small\n")
+    with pytest.raises(UserError, match="unknown config key 'model.arc'; did you mean 'model.arch'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=1.5", "'train.epochs' must be int"),
+    ("train.epochs=many", "'train.epochs' must be int"),
+    ("train.compile=3", "'train.compile' must be bool"),
+    ("data.mean=0.5,0.5", "'data.mean' needs 3 values"),
+    ("data.kind=mnist", "'data.kind' must be one of shapes, imagefolder, cifar10"),
+    ("optim.lr=-1", "'optim.lr' must be positive"),
+    ("data.val_fraction=1.5", "'data.val_fraction' must be between 0 and 1"),
+    ("data=3", "section 'data' must be a mapping"),
+    ("epochs", "must look like key=value"),
+])
+def test_bad_values_are_one_sentence_naming_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(UserError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["name=abc", "optim.name=adamw", "train.grad_accum=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+    assert load_config(None, ["train.out_dir=elsewhere", "name=abc", "optim.name=adamw",
+                              "train.grad_accum=2"]).hash() == cfg.hash()  # where it is written is not what
+    assert load_config(None, ["name=abc", "optim.name=adamw"]).hash() != cfg.hash()
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=null"]) == {"a": {"b": 1, "c": "x"}, "d": None}
+
+
+def test_every_repository_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)  # unknown keys or bad values would raise

@@ -1,0 +1,186 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolkit import UserError, data
+from toolkit.config import load_config
+
+
+def _folder(root, counts: dict[str, int], size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+
+
+def test_imagefolder_without_val_is_a_seeded_stratified_split(tmp_path):
+    _folder(tmp_path / "d", {"cat": 20, "dog": 10})
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.val_fraction=0.2",
+                             "data.image_size=8"])
+    a, b = data.load_dataset(cfg.data, seed=1), data.load_dataset(cfg.data, seed=1)
+    assert a.classes == ["cat", "dog"]
+    assert len(a.val) == 6 and len(a.train) == 24
+    assert sorted(a.val.labels.tolist()) == [0, 0, 0, 0, 1, 1]  # 20% of each class
+    assert torch.equal(a.val.images, b.val.images)  # same seed, same split
+    assert a.train.images.shape == (24, 3, 8, 8) and a.train.images.dtype == torch.uint8
+    c = data.load_dataset(cfg.data, seed=2)
+    assert not torch.equal(a.val.images, c.val.images)
+
+
+def test_imagefolder_with_val_maps_classes_by_name(tmp_path):
+    _folder(tmp_path / "d" / "train", {"a": 3, "b": 3, "c": 3})
+    _folder(tmp_path / "d" / "val", {"c": 2})  # val may lack classes; indices follow train
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=8",
+                             "data.cache=stream"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    assert ds.val.labels.tolist() == [2, 2]
+    assert ds.val.files and ds.val.images is None  # cache=stream keeps files, decodes per epoch
+    _folder(tmp_path / "d" / "val", {"z": 1})
+    with pytest.raises(UserError, match="classes missing from"):
+        data.load_dataset(cfg.data, seed=0)
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="data.root '.*nope' does not exist"):
+        data.load_dataset(cfg.data, seed=0)
+
+
+def test_corrupt_training_images_are_skipped_not_fatal(tmp_path):
+    _folder(tmp_path / "d", {"a": 5, "b": 5})
+    (tmp_path / "d" / "a" / "broken.png").write_bytes(b"\x89PNG broken")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=8",
+                             "data.val_fraction=0.2"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    assert len(ds.train) + len(ds.val) == 10
+
+
+def _write_cifar(root, per_batch=4, test=5):
+    """A few images in the real CIFAR-10 python format (pickled dicts, 3072-byte rows, CHW planes)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    expected = {}
+
+    def batch(name, n, offset):
+        imgs = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+        labels = [(offset + i) % 10 for i in range(n)]
+        rows = imgs.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": rows,
+                         "filenames": [f"{name}_{i}.png" for i in range(n)]}, f, protocol=2)
+        expected[name] = (imgs, labels)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", per_batch, i)
+    batch("test_batch", test, 0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+    return expected, names
+
+
+def test_cifar10_real_format(tmp_path):
+    expected, names = _write_cifar(tmp_path)
+    cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}", "data.download=false"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    assert ds.classes == names
+    assert len(ds.train) == 20 and len(ds.val) == 5
+    imgs, labels = expected["data_batch_1"]
+    assert torch.equal(ds.train.images[:4], torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    assert ds.train.labels[:4].tolist() == labels
+    timgs, tlabels = expected["test_batch"]
+    assert torch.equal(ds.val.images, torch.from_numpy(timgs).permute(0, 3, 1, 2))
+    assert ds.val.labels.tolist() == tlabels
+
+    resized = data.load_dataset(load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}",
+                                                   "data.download=false", "data.image_size=40"]).data, 0)
+    assert resized.train.images.shape == (20, 3, 40, 40)
+
+
+def test_cifar10_missing_without_download(tmp_path):
+    cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(UserError, match="CIFAR-10 is not at"):
+        data.load_dataset(cfg.data, seed=0)
+
+
+def _naive_augment(x, params, pad, flip):
+    out = []
+    for img, (dy, dx, f) in zip(x, params.tolist()):
+        p = torch.nn.functional.pad(img, (pad, pad, pad, pad))
+        crop = p[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
+        out.append(crop.flip(2) if (flip and f) else crop)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pad, flip", [(4, True), (0, True), (2, False)])
+def test_batch_augmentation_is_crop_with_padding_and_flip(pad, flip):
+    x = torch.randint(0, 256, (16, 3, 9, 7), dtype=torch.uint8)
+    plan = data.TrainPlan(16, 4, 1, 0, seed=0)
+    params = plan.augment_params(0, max(pad, 1))
+    if not pad:
+        params[:, :2] = 0
+    got = data.augment(x, params, pad, flip)
+    assert got.dtype == torch.uint8 and got.shape == x.shape
+    assert torch.equal(got, _naive_augment(x, params, pad, flip))
+    if flip:
+        assert 0 < params[:, 2].sum() < 16  # some flipped, some not
+
+
+def test_augmentation_depends_on_epoch_not_on_rank_or_world():
+    one = data.TrainPlan(100, 10, 1, 0, seed=5)
+    assert torch.equal(one.augment_params(3, 4), data.TrainPlan(100, 5, 2, 1, seed=5).augment_params(3, 4))
+    assert not torch.equal(one.augment_params(3, 4), one.augment_params(4, 4))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharding_covers_every_sample_once_per_epoch(world):
+    n, batch = 103, 8
+    plans = [data.TrainPlan(n, batch, world, r, seed=1) for r in range(world)]
+    seen = torch.cat([torch.cat(p.batches(epoch=2)) for p in plans])
+    assert len(seen) == len(set(seen.tolist()))  # disjoint across processes
+    assert len(seen) == (n // world) * world  # only the remainder that cannot be split evenly is left out
+    # step k of `world` processes with batch B takes what one process with batch B*world takes
+    single = data.TrainPlan(n, batch * world, 1, 0, seed=1)
+    for k, big in enumerate(single.batches(epoch=2)[: plans[0].num_batches]):
+        together = torch.cat([p.batches(epoch=2)[k] for p in plans])
+        assert sorted(together.tolist()) == sorted(big[: len(together)].tolist())
+    assert not torch.equal(plans[0].permutation(2), plans[0].permutation(3))  # reshuffled every epoch
+
+
+def test_resuming_mid_epoch_gives_the_remaining_batches():
+    plan = data.TrainPlan(50, 4, 2, 1, seed=0, grad_accum=2)
+    assert plan.num_batches % 2 == 0
+    full = plan.batches(1)
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], plan.batches(1, start=4)))
+
+
+def test_eval_shards_count_each_image_once():
+    n = 1001
+    seen = torch.cat([torch.cat(data.eval_shards(n, 2, r, 64)) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(n))
+
+
+def test_normalize_matches_the_formula():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 0.2]
+    got = data.Normalize(mean, std)(x)
+    want = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, want)
+
+
+def test_stream_source_matches_memory_source(tmp_path):
+    _folder(tmp_path / "d", {"a": 6, "b": 5}, size=(20, 14))
+    args = ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=8", "data.val_fraction=0.2"]
+    mem = data.load_dataset(load_config(None, args + ["data.cache=memory"]).data, 0)
+    cfg = load_config(None, args + ["data.cache=stream"])
+    stream = data.load_dataset(cfg.data, 0)
+    src = data.BatchSource(stream.train, cfg.data, torch.device("cpu"), workers=0)
+    idx = [torch.tensor([3, 0, 5]), torch.tensor([1])]
+    got = list(src(idx))
+    for (x, y), i in zip(got, idx):
+        assert torch.equal(x, mem.train.images[i]) and torch.equal(y, mem.train.labels[i])

@@ -1,0 +1,117 @@
+"""The shared preprocessing: every odd or broken file either decodes to RGB or gives a short reason."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit import images
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_modes_become_rgb(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    p = images.load(_save(rgba, tmp_path / "a.png"), 8)
+    assert p.shape == (8, 8, 3) and (p == 255).all()  # alpha composited over white
+
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.info["transparency"] = 0
+    assert tuple(images.load(_save(pal, tmp_path / "p.png", transparency=0), 8)[0, 0]) == (10, 200, 30)
+
+    la = Image.new("LA", (8, 8), (100, 255))
+    assert tuple(images.load(_save(la, tmp_path / "la.png"), 8)[0, 0]) == (100, 100, 100)
+
+    grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert grey16.mode.startswith("I")
+    assert (images.load(_save(grey16, tmp_path / "g16.png"), 8) == 255).all()
+
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red
+    r, g, b = images.load(_save(cmyk, tmp_path / "c.jpg", quality=100), 8)[4, 4]
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_first_frame_of_animations(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    r, g, b = images.load(tmp_path / "anim.gif", 8)[0, 0]
+    assert r > 200 and b < 50
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 10))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp_path / "o.jpg", exif=exif, quality=95)
+    out = images.open_rgb(tmp_path / "o.jpg")
+    assert out.size == (10, 20)
+    a = np.asarray(out).mean(2)
+    assert a[:10].mean() > 200 and a[10:].mean() < 50  # the white half is now on top
+
+
+def test_resize_policies():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 20))  # white left quarter
+    crop = images.resize(img, 10, "center_crop")
+    squash = images.resize(img, 10, "squash")
+    assert crop.shape == squash.shape == (10, 10, 3)
+    assert crop[:, 0].mean() < 40  # the centre crop cut the white quarter away
+    assert squash[:, 0].mean() > 200  # squashing keeps it
+    same = np.asarray(Image.new("RGB", (10, 10), (1, 2, 3)))
+    assert (images.resize(Image.fromarray(same), 10) == same).all()  # right size: pixels untouched
+
+
+@pytest.mark.parametrize("name, make, reason", [
+    ("empty.png", lambda p: p.write_bytes(b""), "empty file"),
+    ("text.jpg", lambda p: p.write_text("hello, not an image"), "not an image"),
+    ("noise.png", lambda p: p.write_bytes(os.urandom(2048)), "not an image"),
+    ("dir.jpg", lambda p: p.mkdir(), "is a folder"),
+    ("dangling.png", lambda p: p.symlink_to(p.parent / "missing.png"), "missing or dangling link"),
+])
+def test_bad_files_give_short_reasons(tmp_path, name, make, reason):
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(images.DecodeError, match=reason):
+        images.load(path, 8)
+
+
+def test_truncated_image(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(images.DecodeError, match="corrupt image|truncated"):
+        images.load(tmp_path / "t.png", 8)
+
+
+def test_pixel_cap_is_checked_from_the_header(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    loaded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loaded.append(1))
+    with pytest.raises(images.DecodeError, match="too many pixels"):
+        images.open_rgb(tmp_path / "big.png", max_pixels=5000)
+    assert not loaded  # refused before any pixel data was decoded
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    Image.new("RGB", (4, 4)).save(tmp_path / "locked.png")
+
+    def deny(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Image, "open", deny)
+    with pytest.raises(images.DecodeError, match="permission denied"):
+        images.load(tmp_path / "locked.png", 4)
+
+
+def test_find_images_is_sorted_recursive_and_case_insensitive(tmp_path):
+    for rel in ["b/2.PNG", "b/1.jpg", "a.JpEg", "c/d/e.webp", "notes.txt", ".hidden.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    assert images.find_images(tmp_path) == ["a.JpEg", "b/1.jpg", "b/2.PNG", "c/d/e.webp", "folder.png"]
