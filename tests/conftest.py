@@ -48,3 +48,15 @@ def tiny_run(shapes_dir, tmp_path_factory) -> Path:
                       [f"data.root={shapes_dir}", f"train.out_dir={out}", "train.epochs=3", "data.batch_size=32",
                        "train.progress=false"])
     return train(cfg)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is available and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

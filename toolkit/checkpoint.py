@@ -93,15 +93,20 @@ def build_model(path: str | Path) -> tuple[nn.Module, Meta]:
 
 
 # --- resume states ---------------------------------------------------------------------------
+#
+# <run>/state/step-000000120/ holds model.safetensors, optimizer.pt, rng.pt (every process's
+# generator states, gathered to the main process), scaler.pt (fp16) and done.json (epoch, batch
+# position, step, best metric, counters), written last. The folder is written under a temporary
+# name and renamed, so a crash mid-write never leaves a state that `resume=auto` would pick.
 
-DONE = "done.json"  # written last: a state folder without it is incomplete and never resumed
+DONE = "done.json"
 
 
 def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: dict, keep: int) -> Path:
-    """Write state_dir/step-<step>/ atomically: a temp folder renamed when complete.
+    """Write state_dir/step-<step>/ atomically and keep only the newest `keep` states.
 
-    `files` maps names to tensors dicts (.safetensors) or picklable-free dicts (.pt).
-    Older states beyond the newest `keep` are removed afterwards.
+    `files` maps names to tensor dicts (.safetensors) or plain containers of tensors (.pt,
+    loadable with weights_only=True).
     """
     from safetensors.torch import save_file
 
@@ -141,6 +146,24 @@ def list_states(state_dir: Path) -> list[Path]:
     return sorted(p for p in state_dir.glob("step-*") if (p / DONE).is_file())
 
 
+def find_state(resume: str, run_dir: Path) -> Path | None:
+    """train.resume -> the state folder to load: '' none, 'auto' the newest complete one, or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        states = list_states(run_dir / "state")
+        return states[-1] if states else None
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"train.resume '{path}' does not exist; give a state folder, a run directory or 'auto'")
+    if (path / DONE).is_file():
+        return path
+    states = list_states(path / "state" if (path / "state").is_dir() else path)
+    if not states:
+        raise UserError(f"train.resume '{path}' holds no complete resume state")
+    return states[-1]
+
+
 def load_state(path: Path) -> tuple[dict, dict[str, object]]:
     """-> (trainer dict, {file name: loaded object}); errors name the broken file."""
     from safetensors import SafetensorError
@@ -151,7 +174,7 @@ def load_state(path: Path) -> tuple[dict, dict[str, object]]:
         raise UserError(f"'{path}' is not a complete resume state (no {DONE})")
     try:
         trainer = json.loads((path / DONE).read_text())
-    except (json.JSONDecodeError, OSError) as e:
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         raise UserError(f"resume state file '{path / DONE}' is damaged ({e})") from None
     files = {}
     for f in sorted(path.iterdir()):
@@ -162,6 +185,6 @@ def load_state(path: Path) -> tuple[dict, dict[str, object]]:
                 files[f.name] = load_file(str(f))
             else:
                 files[f.name] = torch.load(f, map_location="cpu", weights_only=True)
-        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-            raise UserError(f"resume state file '{f}' is damaged ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # safetensors, zipfile and unpickler errors all mean a damaged file
+            raise UserError(f"resume state file '{f}' is damaged ({str(e).splitlines()[0][:200]})") from None
     return trainer, files

@@ -263,6 +263,14 @@ class _IndexBatches(torch.utils.data.Sampler):
         return len(self.current)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Decode workers outlive a SIGTERM sent to the whole process group, so the trainer can save first."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class BatchSource:
     """Index batches -> (x uint8 (B, 3, H, W), y int64 (B,)) on `device`, from memory or files."""
 
@@ -276,7 +284,7 @@ class BatchSource:
             self.sampler = _IndexBatches()
             self.loader = torch.utils.data.DataLoader(
                 FileImages(split.files, split.labels, cfg), batch_sampler=self.sampler,
-                num_workers=workers, pin_memory=device.type == "cuda",
+                num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             )
 

@@ -1,8 +1,13 @@
-"""The training loop: plain PyTorch with Accelerate doing the device, the processes and the precision.
+"""The training loop: plain PyTorch with Accelerate doing the devices, the processes and the precision.
 
-Launch decides hardware and precision (launch/*.yaml); this file never names a device, a
-process count or a dtype. Per optimizer step: forward on each micro-batch, backward,
-then one check across all processes (non-finite loss, preemption), clip, step.
+The launch decides hardware and precision (launch/*.yaml); this file never names a device,
+a process count or a dtype. Per optimizer step: forward and backward on each micro-batch,
+then one small all-reduce that every process acts on together (a non-finite loss anywhere
+skips the step everywhere; a stop signal anywhere saves and exits everywhere), clip, step.
+
+Resume is exact: the data order and augmentation are functions of (seed, epoch), the
+learning rate a function of the step, and the state holds the weights, optimizer, loss
+scaler, every process's RNG and the position inside the epoch.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -18,17 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toolkit import UserError, data, report
-from toolkit.checkpoint import list_states, load_state, save_state, save_weights
+from toolkit import UserError, checkpoint, data, report
 from toolkit.config import Config, save_config
 from toolkit.meta import Meta
 from toolkit.models import create_model
 
 log = logging.getLogger(__name__)
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: state saved after SIGTERM/SIGUSR1; launch/slurm.sbatch requeues on it
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: state saved after SIGTERM/SIGUSR1, run again with train.resume=auto
+PREEMPTED_MARKER = "preempted.json"  # in the run dir; launchers that swallow exit codes still leave this
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     pass
 
 
@@ -44,8 +50,8 @@ def resolve_run_dir(cfg: Config) -> Path:
     return candidate
 
 
-def lr_at(step: int, total: int, steps_per_epoch: int, cfg) -> float:
-    """Learning rate after `step` optimizer steps (a pure function: resume needs no scheduler state)."""
+def lr_at(step: int, total: int, steps_per_epoch: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (a pure function: resume needs no scheduler state)."""
     o = cfg.optim
     if o.schedule == "onecycle":  # linear up to lr over 30%, cosine down to lr/1e4
         up = max(1, int(0.3 * total))
@@ -63,7 +69,7 @@ def lr_at(step: int, total: int, steps_per_epoch: int, cfg) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """SGD or AdamW; no weight decay on biases and normalisation weights (1-d tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -74,7 +80,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last=False):
+def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last: bool = False):
     """This process's (C, C) confusion matrix (rows true, columns predicted) over its shards."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=normalize.mean.device)
@@ -91,59 +97,80 @@ def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = Fal
     return confusion
 
 
-class _Stop:
-    """SIGTERM/SIGUSR1 -> save state at the next optimizer step and exit with PREEMPTED_EXIT."""
+class StopSignals:
+    """While active, SIGTERM/SIGUSR1 only set `requested`; the loop saves state and exits at the next step."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
 
     def _handler(self, signum, frame):
         self.requested = True
 
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def _start(cfg: Config):
+    """The Accelerator and the run directory (chosen by the main process, shared with all)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() would read it
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise UserError(f"{launched} processes were launched but did not join one job; on a machine without "
+                        "GPUs launch with ACCELERATE_USE_CPU=true (see launch/cpu_ddp.yaml)")
+    run_dir = broadcast_object_list([resolve_run_dir(cfg) if state.is_main_process else None])[0]
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
+                              log_with=cfg.train.log_with or None, project_dir=str(run_dir))
+    logging.getLogger("toolkit").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    return accelerator, Path(run_dir)
+
 
 def train(cfg: Config) -> Path:
     """Train per `cfg`; returns the run directory."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list
+    accelerator, run_dir = _start(cfg)
+    main, device = accelerator.is_main_process, accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
 
-    state = PartialState()
-    run_dir = [resolve_run_dir(cfg) if state.is_main_process else None]
-    run_dir = Path(broadcast_object_list(run_dir)[0])
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=cfg.train.log_with or None, project_dir=str(run_dir))
-    main = accelerator.is_main_process
-    logging.getLogger("toolkit").setLevel(logging.INFO if main else logging.WARNING)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    stop = _Stop()
-
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # one process generates and caches, the others read
         ds = data.load_dataset(cfg.data, cfg.seed)
     num_classes = len(ds.classes)
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = create_model(cfg.model.arch, num_classes, cfg.data.image_size)
     if cfg.model.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":  # batch statistics over all processes' batches
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("model.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA only); ignored on %s", device.type)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     plan = data.TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum)
     steps_per_epoch = plan.num_batches // cfg.train.grad_accum
     total_steps = steps_per_epoch * cfg.train.epochs
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1,
-                "nonfinite_skipped": 0, "best_confusion": None}
-    resume_files = _find_resume(cfg, run_dir)
-    if resume_files:
-        progress, files = load_state(resume_files)
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": 0,
+                "best_confusion": None, "nonfinite_skipped": 0, "nonfinite_run": 0, "epoch_loss": 0.0}
+    state_path = checkpoint.find_state(cfg.train.resume, run_dir)
+    if state_path:
+        progress, files = checkpoint.load_state(state_path)
         model.load_state_dict(files["model.safetensors"])
+        if progress.get("config_hash") != cfg.hash():
+            log.warning("resuming %s with a config that differs from the one it was saved with", state_path)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.compile:
         model = torch.compile(model)
-    if resume_files:
-        _restore(accelerator, optimizer, files, progress, world, rank)
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", resume_files, progress["epoch"],
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP or compile wrapper
+    if state_path:
+        _restore(accelerator, optimizer, files, progress)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, progress["epoch"] + 1,
                  progress["batch"], progress["step"])
 
     normalize = data.Normalize(cfg.data.mean, cfg.data.std).to(device)
@@ -151,120 +178,169 @@ def train(cfg: Config) -> Path:
     train_src = data.BatchSource(ds.train, cfg.data, device, workers)
     val_src = data.BatchSource(ds.val, cfg.data, device, workers)
     val_shards = data.eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)  # ignores label -100
     meta = Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
                 resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash())
-
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        log.info("run %s: %d train / %d val images, %d classes, model %s on %s", run_dir, len(ds.train),
-                 len(ds.val), num_classes, cfg.model.arch, device)
-        log.info("global batch = %d per process x %d processes x %d accumulation = %d; %d steps per epoch; "
-                 "precision %s", cfg.data.batch_size, world, cfg.train.grad_accum,
-                 cfg.data.batch_size * world * cfg.train.grad_accum, steps_per_epoch, accelerator.mixed_precision)
+        log.info("run %s: %d train / %d val images, %d classes, model %s, %d process(es) on %s, precision %s",
+                 run_dir, len(ds.train), len(ds.val), num_classes, cfg.model.arch, world, device.type,
+                 accelerator.mixed_precision)
+        log.info("global batch = %d per process x %d processes x %d accumulation = %d images; %d steps per epoch",
+                 cfg.data.batch_size, world, cfg.train.grad_accum,
+                 cfg.data.batch_size * world * cfg.train.grad_accum, steps_per_epoch)
     if cfg.train.log_with:
-        accelerator.init_trackers(cfg.name, config={k: str(v) for k, v in _flat(cfg.to_dict()).items()})
+        accelerator.init_trackers(cfg.name, config=_flat(cfg.to_dict()))
 
     pad = cfg.data.crop_padding if cfg.data.augment else 0
     flip = cfg.data.hflip and cfg.data.augment
-    raw_model = accelerator.unwrap_model(model)
-    for epoch in range(progress["epoch"], cfg.train.epochs):
-        model.train()
-        start, seen = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=device)
-        bad = torch.zeros((), device=device)
-        aug = plan.augment_params(epoch, cfg.data.crop_padding)
-        batches = plan.batches(epoch, progress["batch"])
-        bar = report.progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}",
-                                  enabled=main and cfg.train.progress)
-        for k, ((x, y), idx) in enumerate(zip(train_src(batches), batches), start=progress["batch"]):
-            if pad or flip:
-                x = data.augment(x, aug[idx], pad, flip)
-            x = normalize(x)
-            if cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                loss = criterion(model(x), y)
-                accelerator.backward(loss)
-                bad += ~torch.isfinite(loss.detach())
-                loss_sum += torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
-                seen += len(y)
-                if not accelerator.sync_gradients:
-                    continue
-                flags = accelerator.reduce(torch.stack([bad, torch.tensor(float(stop.requested), device=device)]),
-                                           "sum")
-                if flags[0] > 0:  # every process saw the same verdict: skip this step together
-                    optimizer.zero_grad(set_to_none=True)
-                    progress["nonfinite_skipped"] += 1
-                    progress["nonfinite_run"] = progress.get("nonfinite_run", 0) + 1
-                    if progress["nonfinite_run"] >= cfg.train.max_nonfinite:
-                        raise NonFiniteLoss(f"the loss was NaN or Inf for {progress['nonfinite_run']} steps in a row "
-                                            f"(epoch {epoch + 1}, step {progress['step']}); lower optim.lr or set "
-                                            f"train.clip_grad_norm")
-                else:
-                    progress["nonfinite_run"] = 0
-                    if cfg.train.clip_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+    with StopSignals() as stop:
+        for epoch in range(progress["epoch"], cfg.train.epochs):
+            model.train()
+            start, seen = time.perf_counter(), 0
+            loss_sum = torch.tensor(progress["epoch_loss"] if main else 0.0, device=device)
+            bad = torch.zeros((), device=device)
+            aug = plan.augment_params(epoch, max(cfg.data.crop_padding, 1))
+            batches = plan.batches(epoch, progress["batch"])
+            bar = report.progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}", main and cfg.train.progress)
+            for k, ((x, y), idx) in enumerate(zip(train_src(batches), batches), start=progress["batch"]):
+                if pad or flip:
+                    x = data.augment(x, aug[idx], pad, flip)
+                x = normalize(x)
+                if cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with accelerator.accumulate(model):
+                    loss = criterion(model(x), y)
+                    accelerator.backward(loss)
+                    bad += ~torch.isfinite(loss.detach())
+                    loss_sum += torch.nan_to_num(loss.detach(), 0.0, 0.0, 0.0)
+                    seen += len(y)
+                    bar.update()
+                    if not accelerator.sync_gradients:
+                        continue
+                    flags = accelerator.reduce(torch.stack([bad, torch.tensor(float(stop.requested), device=device)]),
+                                               "sum").tolist()
                     lr = lr_at(progress["step"], total_steps, steps_per_epoch, cfg)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                bad.zero_()
-                progress["step"] += 1
-                progress["batch"] = k + 1
-                bar.update(cfg.train.grad_accum)
-                every = cfg.train.checkpoint_every
-                if flags[1] > 0 or (every and progress["step"] % every == 0):
-                    _save(accelerator, raw_model, optimizer, progress, run_dir, cfg)
-                if flags[1] > 0:
-                    bar.close()
-                    log.warning("stop requested: state saved at step %d; exiting with %d to be requeued",
-                                progress["step"], PREEMPTED_EXIT)
-                    accelerator.end_training()
-                    sys.exit(PREEMPTED_EXIT)
-        bar.close()
-        elapsed = time.perf_counter() - start
-        loss_mean = (accelerator.reduce(loss_sum, "sum") / max(1, accelerator.reduce(
-            torch.tensor(float(len(batches)), device=device), "sum"))).item()
-        progress["epoch"], progress["batch"] = epoch + 1, 0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            _sync_buffers(raw_model, world)
-            confusion = accelerator.reduce(evaluate(raw_model, val_src, val_shards, normalize, num_classes,
-                                                    cfg.train.eval_tta, cfg.model.channels_last), "sum").cpu()
-            record = report.metrics_record(confusion, ds.classes, epoch + 1, progress["step"], loss_mean,
-                                           optimizer.param_groups[0]["lr"], elapsed, seen * world)
-            if main:
-                _log_epoch(record, run_dir, cfg, accelerator)
-                meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class")}
-                save_weights(raw_model, meta, run_dir / "last.safetensors")
-                if record["val_accuracy"] > progress["best_accuracy"]:
-                    save_weights(raw_model, meta, run_dir / "best.safetensors")
-            if record["val_accuracy"] > progress["best_accuracy"]:
-                progress.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1,
-                                best_confusion=confusion.tolist())
-        _save(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+                    _optimizer_step(accelerator, model, optimizer, cfg, progress, lr, skip=flags[0] > 0)
+                    bad.zero_()
+                    progress["step"] += 1
+                    progress["batch"] = k + 1
+                    every = cfg.train.checkpoint_every
+                    if flags[1] > 0 or (every and progress["step"] % every == 0 and k + 1 < plan.num_batches):
+                        progress["epoch_loss"] = accelerator.reduce(loss_sum.clone(), "sum").item()
+                        _save_state(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+                    if flags[1] > 0:
+                        _preempted(accelerator, run_dir, progress)
+            bar.close()
+            elapsed = time.perf_counter() - start
+            loss_mean = accelerator.reduce(loss_sum, "sum").item() / (plan.num_batches * world)
+            progress.update(epoch=epoch + 1, batch=0, epoch_loss=0.0)
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                _sync_buffers(raw_model, world)
+                confusion = accelerator.reduce(evaluate(raw_model, val_src, val_shards, normalize, num_classes,
+                                                        cfg.train.eval_tta, cfg.model.channels_last), "sum").cpu()
+                record = report.metrics_record(confusion, ds.classes, epoch + 1, progress["step"], loss_mean,
+                                               optimizer.param_groups[0]["lr"], elapsed, seen * world)
+                improved = record["val_accuracy"] > progress["best_accuracy"]
+                if main:
+                    _log_epoch(record, run_dir, cfg, accelerator)
+                    meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class")}
+                    checkpoint.save_weights(raw_model, meta, run_dir / "last.safetensors")
+                    if improved:
+                        checkpoint.save_weights(raw_model, meta, run_dir / "best.safetensors")
+                if improved:
+                    progress.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1,
+                                    best_confusion=confusion.tolist())
+            _save_state(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+            if accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum") > 0:
+                _preempted(accelerator, run_dir, progress)  # signalled during evaluation: resume at the epoch end
 
     if main:
-        report.write_report(run_dir, ds.classes, torch.tensor(progress["best_confusion"]), progress["best_epoch"])
+        report.write_report(run_dir, ds.classes, progress["best_confusion"], progress["best_epoch"])
         log.info("best val accuracy %.2f%% at epoch %d; %d non-finite steps skipped",
                  100 * progress["best_accuracy"], progress["best_epoch"], progress["nonfinite_skipped"])
     accelerator.end_training()
     return run_dir
 
 
+def _optimizer_step(accelerator, model, optimizer, cfg: Config, progress: dict, lr: float, skip: bool) -> None:
+    """Step with `lr`, or skip together with every process when any of them saw a non-finite loss."""
+    if skip:
+        optimizer.zero_grad(set_to_none=True)
+        progress["nonfinite_skipped"] += 1
+        progress["nonfinite_run"] += 1
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress["step"],
+                    progress["nonfinite_run"])
+        if progress["nonfinite_run"] >= cfg.train.max_nonfinite:
+            raise NonFiniteLoss(f"the loss was NaN or Inf for {progress['nonfinite_run']} steps in a row (step "
+                                f"{progress['step']}); lower optim.lr or set train.clip_grad_norm")
+        return
+    progress["nonfinite_run"] = 0
+    if cfg.train.clip_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _preempted(accelerator, run_dir: Path, progress: dict) -> None:
+    if accelerator.is_main_process:
+        (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": progress["step"], "time": time.time()}))
+    log.warning("stop requested: state saved at step %d; exiting with %d (resume with train.resume=auto)",
+                progress["step"], PREEMPTED_EXIT)
+    accelerator.end_training()
+    sys.exit(PREEMPTED_EXIT)
+
+
+def _save_state(accelerator, raw_model, optimizer, progress: dict, run_dir: Path, cfg: Config) -> None:
+    """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
+    from accelerate.utils import gather_object
+
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = gather_object([rng])  # one entry per process, in rank order
+    if not accelerator.is_main_process:
+        return
+    weights = checkpoint.clean_state_dict(raw_model.state_dict())
+    checkpoint.assert_finite(weights, "the resume state")
+    files = {"model.safetensors": weights, "optimizer.pt": optimizer.state_dict(),
+             "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
+    if accelerator.scaler is not None:
+        files["scaler.pt"] = accelerator.scaler.state_dict()
+    trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
+               "config_hash": cfg.hash()}
+    checkpoint.save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
+
+
+def _restore(accelerator, optimizer, files: dict, progress: dict) -> None:
+    optimizer.load_state_dict(files["optimizer.pt"])
+    if accelerator.scaler is not None and "scaler.pt" in files:
+        accelerator.scaler.load_state_dict(files["scaler.pt"])
+    rng = files["rng.pt"].get(str(accelerator.process_index))
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    world, saved = accelerator.num_processes, progress.get("world_size", accelerator.num_processes)
+    if saved != world and progress["batch"]:  # keep the samples seen; count them in this world's batches
+        progress["batch"] = progress["batch"] * saved // world
+        log.warning("resuming %d processes from a %d-process state: the position in the epoch is rounded",
+                    world, saved)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": str(v)})
     return out
 
 
 def _loader_workers(cfg: Config) -> int:
-    """Decode workers per process for the streaming source: the cores shared by this machine's processes."""
-    import os
-
+    """Decode workers per process for the streaming source: this machine's cores shared by its processes."""
     if cfg.data.num_workers >= 0:
         return cfg.data.num_workers
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -285,60 +361,3 @@ def _log_epoch(record: dict, run_dir: Path, cfg: Config, accelerator) -> None:
              record["val_count"], record["lr"], record["epoch_time_s"], record["images_per_s"])
     if cfg.train.log_with:
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
-
-def _find_resume(cfg: Config, run_dir: Path) -> Path | None:
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "auto":
-        states = list_states(run_dir / "state")
-        return states[-1] if states else None
-    path = Path(cfg.train.resume)
-    if not path.exists():
-        raise UserError(f"train.resume '{path}' does not exist; give a state folder or 'auto'")
-    if path.is_dir() and path.name == "state" or (path / "state").is_dir():  # a run dir or its state/
-        states = list_states(path if path.name == "state" else path / "state")
-        if not states:
-            raise UserError(f"train.resume '{path}' holds no complete resume state")
-        return states[-1]
-    return path
-
-
-def _save(accelerator, raw_model, optimizer, progress: dict, run_dir: Path, cfg: Config) -> None:
-    """Resume state: weights, optimizer, loss scaler, every process's RNG, position (main writes)."""
-    from accelerate.utils import gather_object
-
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = gather_object([rng])  # one entry per process, in rank order
-    if not accelerator.is_main_process:
-        return
-    from toolkit.checkpoint import assert_finite, clean_state_dict
-
-    weights = clean_state_dict(raw_model.state_dict())
-    assert_finite(weights, "the resume state")
-    files = {"model.safetensors": weights, "optimizer.pt": optimizer.state_dict(),
-             "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
-    if accelerator.scaler is not None:
-        files["scaler.pt"] = accelerator.scaler.state_dict()
-    trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
-               "config_hash": cfg.hash()}
-    save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
-
-
-def _restore(accelerator, optimizer, files: dict, progress: dict, world: int, rank: int) -> None:
-    optimizer.load_state_dict(files["optimizer.pt"])
-    if accelerator.scaler is not None and "scaler.pt" in files:
-        accelerator.scaler.load_state_dict(files["scaler.pt"])
-    rng = files["rng.pt"].get(str(rank))
-    if rng is not None:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    saved_world = progress.get("world_size", world)
-    if saved_world != world and progress["batch"]:  # same samples seen, counted in this world's batches
-        samples = progress["batch"] * saved_world * progress["batch_size"]
-        progress["batch"] = samples // (world * progress["batch_size"])
-        log.warning("resuming %d processes from a %d-process state: the position is approximate",
-                    world, saved_world)

@@ -1,0 +1,51 @@
+"""`python tests/faults.py train CONFIG ...`: toolkit's command line with one fault injected.
+
+FAULT=kill|raise|term|nan   what happens
+FAULT_STEP=N                at optimizer step N (kill/raise/term) or micro-batch N (nan)
+FAULT_RANK=R                on process R only (default 0)
+
+kill   SIGKILL the whole process group (launcher and every process) right before step N is applied
+raise  an exception on one process
+term   SIGTERM to the launcher (or to this process when there is none), as SLURM or a scheduler would
+nan    one non-finite loss on one process
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+import toolkit.train as train_module
+from toolkit.cli import main
+
+KIND, STEP, RANK = os.environ["FAULT"], int(os.environ["FAULT_STEP"]), int(os.environ.get("FAULT_RANK", "0"))
+HERE = int(os.environ.get("RANK", "0")) == RANK
+real_lr_at = train_module.lr_at
+
+
+def lr_at(step, *args):  # called once per optimizer step, after backward, before the update
+    if HERE and step == STEP:
+        if KIND == "kill":
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        elif KIND == "raise":
+            raise RuntimeError(f"injected failure at step {step}")
+        elif KIND == "term":
+            launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+            os.kill(launcher, signal.SIGTERM)
+    return real_lr_at(step, *args)
+
+
+class NaNOnce(torch.nn.CrossEntropyLoss):
+    calls = 0
+
+    def forward(self, logits, target):
+        loss = super().forward(logits, target)
+        NaNOnce.calls += 1
+        return loss * float("nan") if HERE and NaNOnce.calls == STEP else loss
+
+
+train_module.lr_at = lr_at
+if KIND == "nan":
+    train_module.nn.CrossEntropyLoss = NaNOnce
+main(sys.argv[1:])

@@ -1,0 +1,109 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit import UserError, checkpoint
+from toolkit.config import load_config
+from toolkit.meta import Meta
+from toolkit.train import train
+
+
+def _state(tmp, step, keep=3):
+    return checkpoint.save_state(tmp / "state", step, {"model.safetensors": {"w": torch.ones(2) * step},
+                                                       "optimizer.pt": {"state": {0: {"m": torch.zeros(2)}}}},
+                                 {"step": step}, keep)
+
+
+def test_states_are_complete_and_only_the_newest_k_are_kept(tmp_path):
+    for step in (3, 6, 9, 12):
+        _state(tmp_path, step, keep=2)
+    assert [p.name for p in checkpoint.list_states(tmp_path / "state")] == ["step-000000009", "step-000000012"]
+    trainer, files = checkpoint.load_state(tmp_path / "state" / "step-000000012")
+    assert trainer["step"] == 12 and torch.equal(files["model.safetensors"]["w"], torch.full((2,), 12.0))
+
+
+def test_a_half_written_state_is_never_picked(tmp_path):
+    _state(tmp_path, 5)
+    half = tmp_path / "state" / "step-000000010"  # crashed before its done marker
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "state" / ".tmp-step-000000011-123").mkdir()  # crashed before the rename
+    assert checkpoint.find_state("auto", tmp_path).name == "step-000000005"
+    assert checkpoint.find_state(str(tmp_path), tmp_path).name == "step-000000005"  # a run dir
+    assert checkpoint.find_state("", tmp_path) is None
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.find_state(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(UserError, match="not a complete resume state"):
+        checkpoint.load_state(half)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "done.json"])
+def test_a_corrupted_state_file_is_named(tmp_path, victim):
+    path = _state(tmp_path, 7)
+    (path / victim).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match=f"'{path / victim}' is damaged"):
+        checkpoint.load_state(path)
+
+
+def test_corrupted_or_foreign_weights_are_named(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(UserError, match="w.safetensors' is not a readable safetensors file"):
+        checkpoint.load_weights(tmp_path / "w.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(UserError, match="has no toolkit metadata"):
+        checkpoint.load_weights(tmp_path / "plain.safetensors")
+
+
+def test_weights_with_nan_are_never_saved(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    meta = Meta("tutorial_net", ["a", "b"], 32, "squash", [0.5] * 3, [0.5] * 3)
+    with pytest.raises(FloatingPointError, match="weight"):
+        checkpoint.save_weights(model, meta, tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_wrapper_prefixes_are_stripped():
+    state = {"module.a": torch.ones(1), "_orig_mod.b": torch.ones(1), "module._orig_mod.c": torch.ones(1),
+             "x._orig_mod.y": torch.ones(1)}
+    assert sorted(checkpoint.clean_state_dict(state)) == ["a", "b", "c", "x.y"]
+
+
+def test_unknown_meta_schema_is_a_clear_error(tmp_path):
+    meta = json.loads(Meta("a", ["x"], 8, "squash", [0] * 3, [1] * 3).to_json())
+    meta["schema"] = 99
+    with pytest.raises(UserError, match="schema version 99"):
+        Meta.from_json(json.dumps(meta))
+
+
+def test_resume_from_a_damaged_state_names_the_file(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = checkpoint.list_states(run / "state")[-1]
+    (state / "optimizer.pt").write_bytes(b"not a torch file")
+    cfg = load_config(run / "config.yaml", [f"train.resume={run}", f"train.out_dir={tmp_path}", "name=other"])
+    with pytest.raises(UserError, match="optimizer.pt' is damaged"):
+        train(cfg)
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    """No eval/exec/pickle, and every torch.load passes weights_only=True."""
+    import ast
+
+    for path in (Path(__file__).parents[1] / "toolkit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            assert name not in ("eval", "exec", "pickle.load", "pickle.loads"), f"{path.name}: {name}"
+            if name == "torch.load":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert kw.get("weights_only") == "True", f"{path.name}: torch.load without weights_only=True"
