@@ -22,6 +22,8 @@ def test_forward_shape_and_every_parameter_learns(arch, size):
     assert torch.isfinite(out).all()
     out.logsumexp(1).sum().backward()
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen by design (e.g. BatchNorm scales fixed at 1)
+            continue
         assert p.grad is not None, f"{arch}: {name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{arch}: {name} has a non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{arch}: {name} has an all-zero gradient"
@@ -50,3 +52,17 @@ def test_timm_models_by_name():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(UserError, match="timm/no_such_model"):
         create_model("timm/no_such_model", 5)
+
+
+def test_speedrun_stem_whitens_patches():
+    torch.manual_seed(0)
+    model = create_model("speedrun_net", 10)
+    mix = torch.tensor([[1.0, 0.9, 0.8], [0.0, 0.3, 0.1], [0.0, 0.0, 0.2]])  # strongly correlated channels
+    x = torch.einsum("ij,njhw->nihw", mix, torch.randn(64, 3, 16, 16))
+    model.init_from_data(x)
+    assert not model.stem.weight.requires_grad
+    out = torch.nn.functional.conv2d(x, model.stem.weight[:12])  # the + half, no bias
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = flat @ flat.T / flat.shape[1]
+    torch.testing.assert_close(cov, torch.eye(12), atol=0.05, rtol=0)
+    assert model(x[:2]).shape == (2, 10)

@@ -170,3 +170,49 @@ def test_compiled_training_saves_clean_keys(shapes_dir, tmp_path):
 
     raw = load_file(run / "last.safetensors")  # the file itself, not only after cleaning on load
     assert raw.keys() == state.keys()
+
+
+def test_stream_and_memory_paths_train_identically(shapes_dir, tmp_path):
+    """Both sources give the same uint8 batches and share the device augmentation: same weights."""
+    args = ["data.batch_size=16", "train.epochs=2", "model.arch=tutorial_net_bn"]
+    mem = train(_cfg(shapes_dir, tmp_path, "name=mem", "data.cache=memory", *args))
+    stream = train(_cfg(shapes_dir, tmp_path, "name=stream", "data.cache=stream", "data.num_workers=1", *args))
+    a, _ = load_weights(mem / "last.safetensors")
+    b, _ = load_weights(stream / "last.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _records(mem)[-1]["val_accuracy"] == _records(stream)[-1]["val_accuracy"]
+
+
+def test_flip_tta_averages_the_image_and_its_mirror():
+    from toolkit.data import Normalize
+    from toolkit.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8)
+    y = torch.randint(0, 3, (20,))
+    norm = Normalize([0.5] * 3, [0.5] * 3)
+    source = lambda shards: ((x[i], y[i]) for i in shards)  # noqa: E731
+    shards = [torch.arange(0, 10), torch.arange(10, 20)]
+    with torch.no_grad():
+        plain_pred = model(norm(x)).argmax(1)
+        tta_pred = (model(norm(x)) + model(norm(x).flip(3))).argmax(1)
+    assert not torch.equal(plain_pred, tta_pred)  # the check below can tell the two apart
+    for tta, pred in ((False, plain_pred), (True, tta_pred)):
+        confusion = evaluate(model, source, shards, norm, 3, tta=tta)
+        want = torch.zeros(3, 3, dtype=torch.int64)
+        for t, p in zip(y, pred):
+            want[t, p] += 1
+        assert torch.equal(confusion, want)
+
+
+def test_stop_at_accuracy_ends_the_run_early(tmp_path):
+    _two_colours(tmp_path / "d")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=16",
+                             "data.batch_size=8", "model.arch=tutorial_net_bn", "train.epochs=30",
+                             "train.stop_at_accuracy=0.9", f"train.out_dir={tmp_path / 'runs'}",
+                             "train.progress=false"])
+    recs = _records(train(cfg))
+    assert recs[-1]["val_accuracy"] >= 0.9 and len(recs) < 30
+    assert all(r["val_accuracy"] < 0.9 for r in recs[:-1])

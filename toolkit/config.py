@@ -81,6 +81,7 @@ class TrainConfig:
     resume: str = ""  # "" = new run, auto = newest complete state of out_dir/<name>, or a state path
     compile: bool = False  # torch.compile the model
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    stop_at_accuracy: float = 0.0  # end the run once validation accuracy reaches this (time-to-accuracy); 0 = off
     log_with: str = ""  # accelerate tracker: tensorboard | wandb | mlflow | ... ; "" = none
     progress: bool = True  # progress bar on the main process (plain lines when not a terminal)
 

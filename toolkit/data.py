@@ -140,6 +140,21 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Data
     return Dataset(classes, splits[0], splits[1], val_dir)
 
 
+def sample_images(split: Split, cfg: DataConfig, n: int) -> torch.Tensor:
+    """The first `n` readable images of a split as (n, 3, H, W) uint8 (decoded if it is streamed)."""
+    if split.images is not None:
+        return split.images[:n]
+    out = []
+    for f in split.files:
+        try:
+            out.append(torch.from_numpy(images.load(f, cfg.image_size, cfg.resize, cfg.max_image_pixels)))
+        except images.DecodeError:
+            continue
+        if len(out) == n:
+            break
+    return torch.stack(out).permute(0, 3, 1, 2)
+
+
 # --- batches ---------------------------------------------------------------------------------
 
 
@@ -193,27 +208,33 @@ def eval_shards(n: int, world: int, rank: int, batch_size: int) -> list[torch.Te
     return list(mine.split(batch_size)) if len(mine) else []
 
 
-def augment(x: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """Random crop with zero padding + horizontal flip of a whole batch, on x's device.
+def crop_flip(images: torch.Tensor, idx: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """Samples `idx` of `images`, each randomly cropped (zero padding `pad`) and flipped: one gather.
 
-    x: (B, 3, H, W) uint8; params: (B, 3) int64 from TrainPlan.augment_params.
-    Output pixel (i, j) of sample b is padded[b, :, dy + i, dx + j], with j mirrored
-    (W-1-j) when the flip bit is set: two gathers, no per-sample Python.
+    images: (N, 3, H, W) uint8, on the device; idx: (B,) int64; params: (B, 3) int64 from
+    TrainPlan.augment_params. Output pixel (i, j) of sample b is padded[idx[b], :, dy + i, dx + j],
+    with j mirrored (W-1-j) when the flip bit is set. Reading the dataset tensor directly with the
+    shifted coordinates fuses indexing, padding and cropping into one pass; no per-sample Python.
     """
-    B, C, H, W = x.shape
-    params = params.to(x.device, non_blocking=True)
-    dy, dx, flipped = params[:, 0:1], params[:, 1:2], params[:, 2:3].bool()
-    if not pad:
-        dy, dx = torch.zeros_like(dy), torch.zeros_like(dx)
-    if not flip:
-        flipped = torch.zeros_like(flipped)
-    if pad:
-        x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = dy + torch.arange(H, device=x.device)  # (B, H)
-    cols_fwd = torch.arange(W, device=x.device)
-    cols = dx + torch.where(flipped, W - 1 - cols_fwd, cols_fwd)  # (B, W)
-    x = x.gather(2, rows[:, None, :, None].expand(B, C, H, x.shape[3]))
-    return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+    B, (C, H, W) = len(idx), images.shape[1:]
+    dev = images.device
+    params = params.to(dev, non_blocking=True)
+    dy = params[:, 0:1] - pad if pad else torch.zeros_like(params[:, 0:1])
+    dx = params[:, 1:2] - pad if pad else torch.zeros_like(params[:, 1:2])
+    cols = torch.arange(W, device=dev)
+    if flip:
+        cols = torch.where(params[:, 2:3].bool(), W - 1 - cols, cols)
+    rows = torch.arange(H, device=dev) + dy  # (B, H), may step outside the image
+    cols = cols + dx  # (B, W)
+    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (B, H, W)
+    offset = idx.to(dev)[:, None, None] * (C * H * W) + rows.clamp(0, H - 1)[:, :, None] * W + cols.clamp(0, W - 1)[:, None, :]
+    offset = offset[:, None] + torch.arange(0, C * H * W, H * W, device=dev)[None, :, None, None]  # (B, C, H, W)
+    return images.reshape(-1).take(offset) * inside[:, None]
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """crop_flip of a whole batch x (B, 3, H, W) uint8, e.g. one a DataLoader just decoded."""
+    return crop_flip(x, torch.arange(len(x), device=x.device), params, pad, flip)
 
 
 class Normalize(torch.nn.Module):
@@ -221,12 +242,14 @@ class Normalize(torch.nn.Module):
 
     def __init__(self, mean, std, scale: float = 1.0 / 255):
         super().__init__()
-        self.scale = scale
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        mean = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        # (x * scale - mean) / std as one multiply-add, constants folded in float64
+        self.register_buffer("gain", (scale / std).float(), persistent=False)
+        self.register_buffer("shift", (-mean / std).float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.scale - self.mean) / self.std
+        return x.float() * self.gain + self.shift
 
 
 # --- the streaming source --------------------------------------------------------------------
@@ -288,12 +311,15 @@ class BatchSource:
                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             )
 
-    def __call__(self, batches: list[torch.Tensor]):
+    def __call__(self, batches: list[torch.Tensor], aug: tuple | None = None):
+        """Yield (x, y) per index batch; aug = (params table from TrainPlan.augment_params, pad, flip)."""
         if self.loader is None:
             for idx in batches:
-                idx = idx.to(self.device, non_blocking=True)
-                yield self.images[idx], self.labels[idx]
+                dev_idx = idx.to(self.device, non_blocking=True)
+                x = crop_flip(self.images, dev_idx, aug[0][idx], aug[1], aug[2]) if aug else self.images[dev_idx]
+                yield x, self.labels[dev_idx]
             return
         self.sampler.current = batches
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for idx, (x, y) in zip(batches, self.loader):
+            x = x.to(self.device, non_blocking=True)
+            yield (augment(x, aug[0][idx], aug[1], aug[2]) if aug else x), y.to(self.device, non_blocking=True)

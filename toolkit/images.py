@@ -9,7 +9,7 @@ the exported graph. numpy and PIL only: predict imports this without torch.
 from __future__ import annotations
 
 import os
-import warnings
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ RESIZE_POLICIES = ("center_crop", "squash")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
+Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by open_rgb's max_pixels, checked first
 
 
 class DecodeError(Exception):
@@ -78,6 +79,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _needs_exif_transpose(img: Image.Image) -> bool:
+    """Only files that carry EXIF data can have an orientation tag (parsing it costs ~60 us)."""
+    return img.format in ("TIFF", "MPO") or "exif" in img.info or "Raw profile type exif" in img.info
+
+
 def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | None = None) -> Image.Image:
     """Decode `path` as an RGB image, first frame, EXIF orientation applied.
 
@@ -85,39 +91,35 @@ def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | N
     before any pixel data is decoded. `draft_size` lets JPEG decode at a reduced scale
     (never below that size on the shorter side), which is much faster for big photos.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DecodeError("is a folder")
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
     except FileNotFoundError:
         raise DecodeError("missing or dangling link") from None
     except OSError as e:
         raise DecodeError(f"unreadable ({e.strerror or e})") from None
-    if size == 0:
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("is a folder")
+    if st.st_size == 0:
         raise DecodeError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DecodeError(f"too many pixels ({w}x{h} > {max_pixels})")
-            if draft_size and img.format == "JPEG":
-                scale = draft_size / min(w, h)
-                img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-            img.load()
+        img = Image.open(path)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError(f"too many pixels ({w}x{h} > {max_pixels})")
+        if draft_size and img.format == "JPEG":
+            scale = draft_size / min(w, h)
+            img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        img.load()
+        if _needs_exif_transpose(img):
             img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+        return _to_rgb(img)
     except DecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DecodeError(f"too many pixels (over {max_pixels})") from None
     except PermissionError:
         raise DecodeError("permission denied") from None
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in reason.lower() or isinstance(e, EOFError):
             reason = "truncated image"

@@ -135,3 +135,77 @@ class ResNetSmall(nn.Module):
 def resnet_small(num_classes: int, image_size: int = 32) -> nn.Module:
     """Small residual CNN (32-64-128 channels, 0.7M parameters); any image size."""
     return ResNetSmall(num_classes, widths=(32, 64, 128))
+
+
+# --- the CIFAR-10 speed-run network ----------------------------------------------------------
+# After the airbench94 design (Keller Jordan, building on hlb-CIFAR10 and Page's ResNet-9 work):
+# a 2x2 patch-whitening stem, three conv groups of widths 64-256-256, each conv initialised as
+# the identity on its first input channels (an implicit residual: the deep stack starts out as
+# a shallow one), BatchNorm with a fixed scale, GELU, global max pool and a 1/9-scaled linear
+# head. Published: 94% CIFAR-10 test accuracy in about 10 epochs with the rest of that recipe.
+
+
+def _dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(c_in, c_out)])  # identity on the first c_in output channels
+    return conv
+
+
+def _norm(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)  # fast-moving statistics for short runs
+    bn.weight.requires_grad_(False)  # scale fixed at 1; the following layer rescales anyway
+    return bn
+
+
+class SpeedrunGroup(nn.Module):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1, self.norm1 = _dirac_conv(c_in, c_out), _norm(c_out)
+        self.conv2, self.norm2 = _dirac_conv(c_out, c_out), _norm(c_out)
+        self.pool, self.act = nn.MaxPool2d(2), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class SpeedrunNet(nn.Module):
+    """The speed-run CNN; `init_from_data` turns the stem into a fixed patch-whitening layer."""
+
+    def __init__(self, num_classes: int, widths=(64, 256, 256), patch: int = 2):
+        super().__init__()
+        self.patch = patch
+        self.stem = nn.Conv2d(3, 2 * 3 * patch * patch, patch, bias=True)  # 24 channels: +/- 12 directions
+        groups, c = [], self.stem.out_channels
+        for w in widths:
+            groups.append(SpeedrunGroup(c, w))
+            c = w
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(c, num_classes, bias=False)
+        self.scale = 1 / 9  # small logits at the start: a steadier first epoch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(nn.functional.gelu(self.stem(x)))
+        x = torch.amax(x, dim=(2, 3))  # global max pool
+        return self.head(x) * self.scale
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the stem to whiten 2x2 patches of `x` (normalised (N, 3, H, W)) and freeze its weight."""
+        p = self.patch
+        patches = x.float().unfold(2, p, 1).unfold(3, p, 1)  # (N, 3, H', W', p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+        w = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, p, p)
+        self.stem.weight.copy_(torch.cat([w, -w]).to(self.stem.weight.dtype))
+        self.stem.weight.requires_grad_(False)
+
+
+@register_model
+def speedrun_net(num_classes: int, image_size: int = 32) -> nn.Module:
+    """CIFAR-10 speed-run CNN (airbench94 design, 2.0M parameters): the fast GPU recipe."""
+    return SpeedrunNet(num_classes)

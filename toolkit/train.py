@@ -74,16 +74,18 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    if cfg.optim.name == "sgd":  # fused: one kernel for all parameters instead of one per tensor
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused)
 
 
 @torch.no_grad()
 def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last: bool = False):
     """This process's (C, C) confusion matrix (rows true, columns predicted) over its shards."""
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=normalize.mean.device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=normalize.gain.device)
     for x, y in source(shards):
         x = normalize(x)
         if channels_last:
@@ -158,6 +160,8 @@ def train(cfg: Config) -> Path:
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": 0,
                 "best_confusion": None, "nonfinite_skipped": 0, "nonfinite_run": 0, "epoch_loss": 0.0}
     state_path = checkpoint.find_state(cfg.train.resume, run_dir)
+    if hasattr(model, "init_from_data") and not state_path:  # data-dependent init, e.g. a whitening stem
+        model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(data.sample_images(ds.train, cfg.data, 5000)))
     if state_path:
         progress, files = checkpoint.load_state(state_path)
         model.load_state_dict(files["model.safetensors"])
@@ -202,12 +206,10 @@ def train(cfg: Config) -> Path:
             start, seen = time.perf_counter(), 0
             loss_sum = torch.tensor(progress["epoch_loss"] if main else 0.0, device=device)
             bad = torch.zeros((), device=device)
-            aug = plan.augment_params(epoch, max(cfg.data.crop_padding, 1))
+            aug = (plan.augment_params(epoch, max(pad, 1)), pad, flip) if pad or flip else None
             batches = plan.batches(epoch, progress["batch"])
             bar = report.progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}", main and cfg.train.progress)
-            for k, ((x, y), idx) in enumerate(zip(train_src(batches), batches), start=progress["batch"]):
-                if pad or flip:
-                    x = data.augment(x, aug[idx], pad, flip)
+            for k, (x, y) in enumerate(train_src(batches, aug), start=progress["batch"]):
                 x = normalize(x)
                 if cfg.model.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -220,8 +222,8 @@ def train(cfg: Config) -> Path:
                     bar.update()
                     if not accelerator.sync_gradients:
                         continue
-                    flags = accelerator.reduce(torch.stack([bad, torch.tensor(float(stop.requested), device=device)]),
-                                               "sum").tolist()
+                    flags = torch.stack([bad, torch.tensor(float(stop.requested), device=device)])
+                    flags = (accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()  # one sync per step
                     lr = lr_at(progress["step"], total_steps, steps_per_epoch, cfg)
                     _optimizer_step(accelerator, model, optimizer, cfg, progress, lr, skip=flags[0] > 0)
                     bad.zero_()
@@ -254,6 +256,10 @@ def train(cfg: Config) -> Path:
                     progress.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1,
                                     best_confusion=confusion.tolist())
             _save_state(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+            target = cfg.train.stop_at_accuracy
+            if target and progress["best_accuracy"] >= target:  # the same verdict on every process
+                log.info("validation accuracy reached train.stop_at_accuracy=%g at epoch %d", target, epoch + 1)
+                break
             if accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum") > 0:
                 _preempted(accelerator, run_dir, progress)  # signalled during evaluation: resume at the epoch end
 
