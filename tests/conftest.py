@@ -60,3 +60,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def two_colours(root, n: int = 24, size: int = 16):
+    """An easy labelled folder (red vs blue noisy squares): every model becomes confident on it fast."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", n // 2)):
+        for cls, colour in (("blue", (30, 60, 220)), ("red", (220, 40, 30))):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                noise = rng.integers(-40, 40, (size, size, 3))
+                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -76,3 +77,142 @@ def test_bad_checkpoints_are_named(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="junk.safetensors' is not a readable safetensors file"):
         export.export(tmp_path / "junk.safetensors")
+
+
+# --- every registered model x (fp32, fp16, int8) ----------------------------------------------
+
+from toolkit.models import list_models  # noqa: E402
+
+VARIANTS = ("fp32", "fp16", "int8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each registered model trained to confidence on an easy two-class folder: {arch: run dir}."""
+    from conftest import two_colours
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    root = tmp_path_factory.mktemp("models")
+    data = two_colours(root / "data", n=24, size=32)
+    runs = {}
+    for arch in list_models():
+        cfg = load_config(None, ["data.kind=imagefolder", f"data.root={data}", "data.batch_size=8", f"name={arch}",
+                                 f"model.arch={arch}", "train.epochs=3", f"train.out_dir={root}", "optim.lr=0.02",
+                                 "train.progress=false"])
+        runs[arch] = train(cfg)
+    return runs, data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", sorted(list_models()))
+def test_every_model_and_variant_exports_with_parity(arch, variant, trained, tmp_path):
+    runs, data = trained
+    out = export.export(runs[arch], tmp_path / f"{arch}.onnx", variant=variant)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["variant"] == variant and report["opset"] >= 17
+    assert report["parity_vs_torch"]["max_logit_diff"] <= report["parity_vs_torch"]["tolerance"]
+    if variant != "fp32":
+        assert set(report["variant_vs_fp32"]["per_batch"]) == {"1", "7", "64"}
+        assert min(report["variant_vs_fp32"]["per_batch"].values()) >= 0.99
+    assert report["file"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert report["latency_ms_per_image"]["batch_1"] > 0 and report["validation"]["images"] == 24
+
+    # independently: the file answers at batch 1, 7 and 64 like torch does on real images
+    net, meta = build_model(runs[arch])
+    px = np.stack([images.load(data / "val" / f, meta.image_size) for f in images.find_images(data / "val")])
+    px = np.concatenate([px] * 3)[:64]
+    with torch.no_grad():
+        ref = net(Normalize(meta.mean, meta.std)(torch.from_numpy(px).permute(0, 3, 1, 2))).numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for b in (1, 7, 64):
+        got = sess.run(None, {"input": px[:b].transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
+        assert got.shape == (b, 2)
+        assert (got.argmax(1) == ref[:b].argmax(1)).mean() >= 0.99
+        if variant == "fp32":
+            np.testing.assert_allclose(got, ref[:b], atol=1e-4, rtol=1e-4)
+
+
+def test_variants_are_smaller_and_keep_accuracy(trained, tmp_path):
+    from toolkit.evaluate import evaluate_folder
+
+    runs, data = trained
+    files = {v: export.export(runs["tutorial_net_bn"], tmp_path / f"m.{v}.onnx", variant=v) for v in VARIANTS}
+    sizes = {v: f.stat().st_size for v, f in files.items()}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    reference = evaluate_folder(runs["tutorial_net_bn"], data / "val")["accuracy"]
+    for v, f in files.items():
+        assert abs(evaluate_folder(f, data / "val")["accuracy"] - reference) <= 0.01, v
+
+
+def test_a_variant_below_the_agreement_bar_is_refused(trained, tmp_path):
+    runs, _ = trained
+    with pytest.raises(export.ExportMismatch, match="agrees with fp32 on only .*nothing was written"):
+        export.export(runs["tutorial_net"], tmp_path / "m.onnx", variant="int8", min_agreement=1.01)
+    assert not list(tmp_path.iterdir())
+
+
+def test_independent_runtime_opencv_gives_the_same_top1(onnx_file, shapes_dir):
+    cv2 = pytest.importorskip("cv2")  # opencv-python-headless, installed by the dev extra
+    files = images.find_images(shapes_dir / "val")
+    x = np.stack([images.load(shapes_dir / "val" / f, 32) for f in files]).transpose(0, 3, 1, 2)
+    x = x.astype(np.float32) / 255
+    net = cv2.dnn.readNetFromONNX(str(onnx_file))
+    net.setInput(x)
+    theirs = net.forward()
+    ours = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert theirs.shape == ours.shape == (100, 10)
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    np.testing.assert_allclose(theirs, ours, atol=1e-3)
+
+
+# --- robustness of the files predict loads --------------------------------------------------
+
+def test_external_data_outside_the_model_folder_is_refused(onnx_file, tmp_path):
+    from toolkit.predict import OnnxClassifier
+
+    model = onnx.load(str(onnx_file))
+    init = model.graph.initializer[0]
+    (tmp_path / "outside.bin").write_bytes(init.raw_data or b"\x00" * 64)
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    del init.external_data[:]
+    init.external_data.add(key="location", value="../outside.bin")
+    (tmp_path / "models").mkdir()
+    onnx.save(model, str(tmp_path / "models" / "evil.onnx"))
+    with pytest.raises(UserError, match="outside its folder; refusing to load it"):
+        OnnxClassifier(tmp_path / "models" / "evil.onnx")
+
+
+def test_unknown_meta_schema_in_an_onnx_file(onnx_file, tmp_path):
+    from toolkit.predict import OnnxClassifier
+
+    model = onnx.load(str(onnx_file))
+    meta = json.loads(model.metadata_props[0].value)
+    meta["schema"] = 7
+    model.metadata_props[0].value = json.dumps(meta)
+    onnx.save(model, str(tmp_path / "future.onnx"))
+    with pytest.raises(UserError, match="metadata schema version 7"):
+        OnnxClassifier(tmp_path / "future.onnx")
+
+
+def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(onnx_file, tiny_run, shapes_dir,
+                                                                               tmp_path):
+    """No toolkit metadata, normalisation outside the graph: predict applies what the user passes."""
+    from toolkit.evaluate import evaluate_folder
+    from toolkit.predict import OnnxClassifier
+
+    net, meta = build_model(tiny_run)
+    bare = tmp_path / "bare.onnx"
+    export.to_onnx(net.eval(), meta, bare)  # the network alone: no Normalize, no Meta
+    with pytest.raises(UserError, match="no toolkit metadata; pass --classes"):
+        OnnxClassifier(bare)
+    fallback = {"classes": meta.class_names, "size": None, "mean": meta.mean, "std": meta.std, "resize": "center_crop"}
+    clf = OnnxClassifier(bare, fallback=fallback)
+    assert clf.meta.image_size == 32 and not clf.meta.normalize_in_graph
+    ours = evaluate_folder(onnx_file, shapes_dir / "val")
+    theirs = evaluate_folder(bare, shapes_dir / "val", fallback=fallback)
+    assert theirs["confusion"] == ours["confusion"]
+    with pytest.raises(UserError, match="names 3 classes but the model has 10 outputs"):
+        OnnxClassifier(bare, fallback={**fallback, "classes": ["a", "b", "c"]})

@@ -206,3 +206,12 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shapes_dir, 
     assert log.read_text().split() == ["requeue", "42"]  # finished: not requeued again
     assert (run / "report" / "confusion.png").is_file()
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 60
+
+
+def test_a_two_process_run_exports(reference, tmp_path):
+    from toolkit.export import export
+
+    out = export(reference[2], tmp_path / "ddp.onnx")
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["parity_vs_torch"]["top1_agreement"] == 1.0
+    assert report["validation"]["torch_accuracy"] == report["validation"]["onnx_accuracy"]

@@ -71,15 +71,10 @@ def test_schedules():
     assert math.isclose(lr_at(5, 100, 10, cfg), 0.1 + 0.9 * 0.5)
 
 
-def _two_colours(root, n=24, size=16):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", n // 2)):
-        for cls, colour in (("blue", (30, 60, 220)), ("red", (220, 40, 30))):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                noise = rng.integers(-40, 40, (size, size, 3))
-                Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+def _two_colours(root):
+    from conftest import two_colours
+
+    return two_colours(root)
 
 
 @pytest.mark.parametrize("opts", [
@@ -170,6 +165,10 @@ def test_compiled_training_saves_clean_keys(shapes_dir, tmp_path):
 
     raw = load_file(run / "last.safetensors")  # the file itself, not only after cleaning on load
     assert raw.keys() == state.keys()
+    from toolkit.export import export
+
+    out = export(run, tmp_path / "compiled.onnx")
+    assert json.loads(out.with_suffix(".json").read_text())["parity_vs_torch"]["top1_agreement"] == 1.0
 
 
 def test_stream_and_memory_paths_train_identically(shapes_dir, tmp_path):

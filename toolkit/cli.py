@@ -47,10 +47,32 @@ def cmd_train(args) -> None:
         print(run_dir)
 
 
+def _fallback(args) -> dict:
+    """What the user states about an ONNX model that carries no toolkit metadata."""
+    def floats(text, name):
+        if text is None:
+            return None
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 3:
+            raise UserError(f"{name} needs three comma-separated numbers, e.g. 0.485,0.456,0.406; got '{text}'")
+        return values
+
+    classes = args.classes
+    if classes and classes.startswith("@"):  # @file: one class name per line
+        from pathlib import Path
+
+        classes = ",".join(line.strip() for line in Path(classes[1:]).read_text().splitlines() if line.strip())
+    return {"classes": classes.split(",") if classes else None, "size": args.size,
+            "mean": floats(args.mean, "--mean"), "std": floats(args.std, "--std"), "resize": args.resize}
+
+
 def cmd_evaluate(args) -> None:
     from toolkit.evaluate import evaluate_folder, format_result
 
-    result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size)
+    result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size, fallback=_fallback(args))
     if args.json:
         import json
 
@@ -62,14 +84,17 @@ def cmd_evaluate(args) -> None:
 def cmd_export(args) -> None:
     from toolkit.export import export
 
-    out = export(args.checkpoint, args.output, data_dir=args.data)
+    variant = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    out = export(args.checkpoint, args.output, data_dir=args.data, input_dtype=args.input, variant=variant,
+                 min_agreement=args.min_agreement)
     print(out)
 
 
 def cmd_predict(args) -> None:
     from toolkit.predict import predict
 
-    summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk)
+    summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk,
+                      fallback=_fallback(args))
     print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
 
 
@@ -120,7 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
             "toolkit export runs/quickstart -o exported/quickstart.onnx")
     x.add_argument("checkpoint", help=".safetensors file or run directory (its best.safetensors)")
     x.add_argument("-o", "--output", help="default: exported/<run name>.onnx")
-    x.add_argument("--data", help="labelled folder for the numerical check (default: the run's validation data)")
+    x.add_argument("--data", help="images for the checks and int8 calibration (default: the run's data)")
+    x.add_argument("--input", choices=["float32", "uint8"], default="float32",
+                   help="float32: NCHW RGB in [0, 1] (default); uint8: NCHW RGB 0..255")
+    kind = x.add_mutually_exclusive_group()
+    kind.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic")
+    kind.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ), calibrated on training images")
+    x.add_argument("--min-agreement", type=float, default=0.99,
+                   help="refuse an fp16/int8 model whose top-1 agrees with fp32 on fewer validation images (0.99)")
 
     r = add("predict", cmd_predict, "predict every image under a folder with an ONNX model",
             "toolkit predict exported/quickstart.onnx photos/ -o predictions.csv --topk 3")
@@ -129,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", default="predictions.csv", help=".csv or .jsonl (default predictions.csv)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--topk", type=int, default=1, help="also write the k best classes and probabilities")
+
+    for sp in (e, r):  # a model exported elsewhere, without toolkit metadata
+        g = sp.add_argument_group("ONNX models without toolkit metadata")
+        g.add_argument("--classes", help="class names in output order, comma-separated, or @FILE (one per line)")
+        g.add_argument("--size", type=int, help="input side in pixels (default: from the graph)")
+        g.add_argument("--mean", help="per-channel mean on the [0, 1] scale, e.g. 0.485,0.456,0.406 "
+                                      "(omit when normalisation is inside the graph)")
+        g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
+        g.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
 
     add("models", cmd_models, "list the registered model architectures", "toolkit models")
     return p

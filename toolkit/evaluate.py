@@ -15,12 +15,12 @@ from toolkit import UserError, images
 from toolkit.predict import iter_batches
 
 
-def _scorer(model: str | Path):
-    """-> (class names, image size, resize policy, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
+def _scorer(model: str | Path, fallback: dict | None = None):
+    """-> (Meta, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
     if str(model).lower().endswith(".onnx"):
         from toolkit.predict import OnnxClassifier
 
-        clf = OnnxClassifier(model)
+        clf = OnnxClassifier(model, fallback=fallback)
         return clf.meta, lambda px: clf.logits(px).argmax(1)
 
     import torch
@@ -38,9 +38,10 @@ def _scorer(model: str | Path):
     return meta, predict
 
 
-def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None) -> dict:
+def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None,
+                    fallback: dict | None = None) -> dict:
     """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`."""
-    meta, predict = _scorer(model)
+    meta, predict = _scorer(model, fallback)
     try:
         folder_classes, paths, labels = images.find_labelled(data_dir)
     except FileNotFoundError:

@@ -1,24 +1,30 @@
-"""Export release weights to a verified, self-describing ONNX file.
+"""Export release weights to a verified, self-describing ONNX file (fp32, fp16 or int8).
 
-A clean fp32 eval model is rebuilt from the safetensors file (whatever precision or
-wrapping it was trained with), normalisation is put inside the graph, the batch axis is
-dynamic, and the Meta record goes into metadata_props. The file is written under a
-temporary name, checked (onnx.checker, then onnxruntime against torch on real validation
-images at batch sizes 1, 7 and 64) and only then renamed into place.
+A clean fp32 eval model is rebuilt from the safetensors file (whatever precision, process
+count or torch.compile it was trained with), normalisation is put inside the graph, the
+batch axis is dynamic, and the Meta record goes into metadata_props. Nothing is written
+until the file passes: onnx.checker (full check), onnxruntime against torch on real
+validation images at batch sizes 1, 7 and 64, and for fp16/int8 top-1 agreement with fp32
+on the validation images. A report with versions, the input contract, parity, accuracy,
+size, sha256 and CPU latency is written next to the model as <name>.json.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from toolkit import UserError, images
+from toolkit import UserError, __version__, images, variants
 from toolkit.checkpoint import build_model, weights_path
 from toolkit.data import Normalize
 from toolkit.meta import META_KEY, Meta
@@ -26,53 +32,86 @@ from toolkit.meta import META_KEY, Meta
 log = logging.getLogger(__name__)
 CHECK_BATCHES = (1, 7, 64)  # a batch of one, an odd size, a full batch: catches fixed-batch exports
 LOGIT_RTOL = 1e-4  # fp32: max |logit difference| allowed, relative to max(1, largest |logit|)
+MAX_EVAL_IMAGES = 2000  # validation images for accuracy and variant agreement
+CALIBRATION_IMAGES = 256  # training images for int8 calibration
 
 
 class ExportMismatch(UserError):
     pass
 
 
+@dataclass
+class CheckData:
+    val: np.ndarray  # (N, H, W, 3) uint8 validation images
+    labels: np.ndarray | None  # (N,) class indices of the model, when known
+    calibration: np.ndarray  # (M, H, W, 3) uint8 training images
+    source: str
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(int)) if n else np.zeros(0, int)
+
+
+def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> CheckData:
+    """Real images for the checks: from `data_dir` (class subfolders or plain images), else the run's data."""
+    if data_dir is not None:
+        root = Path(data_dir)
+        try:
+            classes, rel, labels = images.find_labelled(root)
+        except FileNotFoundError:
+            raise UserError(f"--data folder '{root}' does not exist") from None
+        if not rel or any(c not in meta.class_names for c in classes):  # not a labelled folder of this model
+            rel, labels = images.find_images(root), None
+        else:
+            labels = np.array([meta.class_names.index(classes[i]) for i in labels])
+        picked = _spread(len(rel), MAX_EVAL_IMAGES)
+        px, ok = _decode([root / rel[i] for i in picked], meta)
+        if len(px):
+            return CheckData(px, labels[picked][ok] if labels is not None else None,
+                             px[_spread(len(px), CALIBRATION_IMAGES)], str(root))
+    config = weights_path(checkpoint).parent / "config.yaml"
+    if config.is_file():
+        from toolkit import data
+        from toolkit.config import load_config
+
+        cfg = load_config(config)
+        try:
+            ds = data.load_dataset(cfg.data, cfg.seed)
+        except UserError as e:
+            log.warning("the run's data is not available for the export check (%s)", e)
+        else:
+            val, val_y = _take(ds.val, _spread(len(ds.val), MAX_EVAL_IMAGES), meta)
+            train, _ = _take(ds.train, _spread(len(ds.train), CALIBRATION_IMAGES), meta)
+            return CheckData(val, val_y, train, f"{cfg.data.kind} data at {cfg.data.root}")
+    log.warning("no validation images found for the export check; using random pixels (pass --data DIR)")
+    px = np.random.default_rng(0).integers(0, 256, (64, meta.image_size, meta.image_size, 3), dtype=np.uint8)
+    return CheckData(px, None, px, "random pixels")
+
+
+def _decode(paths, meta: Meta) -> tuple[np.ndarray, np.ndarray]:
+    out, ok = [], []
+    for p in paths:
+        try:
+            out.append(images.load(p, meta.image_size, meta.resize))
+            ok.append(True)
+        except images.DecodeError:
+            ok.append(False)
+    empty = np.zeros((0, meta.image_size, meta.image_size, 3), np.uint8)
+    return (np.stack(out) if out else empty), np.array(ok, dtype=bool)
+
+
+def _take(split, idx: np.ndarray, meta: Meta) -> tuple[np.ndarray, np.ndarray]:
+    labels = split.labels.numpy()[idx]
+    if split.images is not None:
+        return split.images[torch.from_numpy(idx)].permute(0, 2, 3, 1).numpy(), labels
+    px, ok = _decode([split.files[i] for i in idx], meta)
+    return px, labels[ok]
+
+
 def exportable(model: nn.Module, meta: Meta, input_dtype: str = "float32") -> nn.Module:
     """Normalisation + network: takes (B, 3, H, W) float32 in [0, 1] (or uint8 0..255), gives logits."""
     scale = 1.0 if input_dtype == "float32" else 1.0 / 255
     return nn.Sequential(Normalize(meta.mean, meta.std, scale=scale), model).eval()
-
-
-def check_images(checkpoint: str | Path, data_dir: str | None, meta: Meta, n: int = max(CHECK_BATCHES)) -> np.ndarray:
-    """(n, H, W, 3) uint8 real validation images for the numerical check."""
-    if data_dir is None:
-        data_dir = _validation_dir(checkpoint)
-    if data_dir is not None:
-        files = images.find_images(data_dir)
-        picked, out = files[:: max(1, len(files) // n)], []
-        for rel in picked:
-            try:
-                out.append(images.load(Path(data_dir) / rel, meta.image_size, meta.resize))
-            except images.DecodeError:
-                continue
-            if len(out) == n:
-                break
-        if out:
-            while len(out) < n:  # a small folder: reuse its images to fill the largest batch
-                out += out[: n - len(out)]
-            return np.stack(out)
-    log.warning("no validation images found for the export check; checking on random pixels instead "
-                "(pass --data DIR to check on real images)")
-    return np.random.default_rng(0).integers(0, 256, (n, meta.image_size, meta.image_size, 3), dtype=np.uint8)
-
-
-def _validation_dir(checkpoint: str | Path) -> str | None:
-    """The run's validation folder, from the config.yaml next to the weights."""
-    from toolkit.config import load_config
-
-    config = weights_path(checkpoint).parent / "config.yaml"
-    if not config.is_file():
-        return None
-    cfg = load_config(config)
-    for candidate in (Path(cfg.data.root) / "val", Path(cfg.data.root) / "train", Path(cfg.data.root)):
-        if candidate.is_dir() and cfg.data.kind != "cifar10":
-            return str(candidate)
-    return None
 
 
 def to_onnx(module: nn.Module, meta: Meta, path: Path, input_dtype: str = "float32") -> None:
@@ -95,77 +134,147 @@ def to_onnx(module: nn.Module, meta: Meta, path: Path, input_dtype: str = "float
 
 
 def embed_meta(path: Path, meta: Meta) -> int:
-    """Write `meta` into the file's metadata_props, run the full checker; returns the opset."""
+    """Write `meta` into the file's metadata_props and run the full checker; returns the opset."""
     import onnx
 
     model = onnx.load(str(path))
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    meta.extra["opset"] = opset
+    meta.extra["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {META_KEY: meta.to_json()})
-    model.producer_name = "toolkit"
+    model.producer_name, model.producer_version = "toolkit", __version__
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    return opset
+    return meta.extra["opset"]
 
 
-def compare(module: nn.Module, onnx_path: Path, pixels: np.ndarray, input_dtype: str) -> dict:
-    """Run torch and onnxruntime on the same batches; max logit difference and top-1 agreement."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x = pixels.transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    x = x.astype(np.float32) / 255.0 if input_dtype == "float32" else np.ascontiguousarray(x)
+def parity(module: nn.Module, sess, pixels: np.ndarray, input_dtype: str) -> dict:
+    """torch vs onnxruntime on the same images at each of CHECK_BATCHES."""
+    x = variants.as_input(pixels, input_dtype)
     worst, agree, total, scale = 0.0, 0, 0, 1.0
     for b in CHECK_BATCHES:
-        batch = x[:b]
         with torch.no_grad():
-            ref = module(torch.from_numpy(batch)).numpy()
-        got = sess.run(None, {name: batch})[0]
+            ref = module(torch.from_numpy(x[:b])).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x[:b]})[0]
         if got.shape != ref.shape:
-            raise ExportMismatch(f"ONNX output shape {got.shape} != torch {ref.shape} at batch {b}")
+            raise ExportMismatch(f"ONNX output shape {got.shape} != torch {ref.shape} at batch {b}; nothing was written")
         worst = max(worst, float(np.abs(got - ref).max()))
         scale = max(scale, float(np.abs(ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        total += b
-    return {"max_logit_diff": worst, "logit_scale": scale, "top1_agreement": agree / total,
-            "batches": list(CHECK_BATCHES)}
+        total += len(ref)
+    return {"batches": list(CHECK_BATCHES), "max_logit_diff": worst, "tolerance": LOGIT_RTOL * scale,
+            "top1_agreement": agree / total}
 
 
-def default_output(checkpoint: str | Path) -> Path:
+def default_output(checkpoint: str | Path, variant: str = "fp32") -> Path:
     w = weights_path(checkpoint)
     name = w.parent.name if w.name in ("best.safetensors", "last.safetensors") else w.stem
-    return Path("exported") / f"{name}.onnx"
+    return Path("exported") / (f"{name}.onnx" if variant == "fp32" else f"{name}.{variant}.onnx")
+
+
+def _fill(pixels: np.ndarray, n: int) -> np.ndarray:
+    """At least n images (a small folder is repeated) so every check batch size is exercised."""
+    return pixels if len(pixels) >= n else np.concatenate([pixels] * (n // len(pixels) + 1))[:n]
 
 
 def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: str | None = None,
-           input_dtype: str = "float32") -> Path:
-    """Export `checkpoint` (a .safetensors file or run directory) to a checked ONNX file."""
+           input_dtype: str = "float32", variant: str = "fp32", min_agreement: float = 0.99) -> Path:
+    """Export `checkpoint` (a .safetensors file or run directory) to a checked ONNX file; returns its path."""
+    if variant not in variants.VARIANTS:
+        raise UserError(f"unknown variant '{variant}'; choose one of {', '.join(variants.VARIANTS)}")
+    if input_dtype not in ("float32", "uint8"):
+        raise UserError(f"--input must be float32 or uint8; got '{input_dtype}'")
     model, meta = build_model(checkpoint)
-    out = Path(output) if output else default_output(checkpoint)
+    out = Path(output) if output else default_output(checkpoint, variant)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    data = check_data(checkpoint, data_dir, meta)
+    tmp32 = out.with_name(f".{out.name}.fp32-{os.getpid()}.onnx")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.onnx")
     try:
-        to_onnx(module, meta, tmp, input_dtype)
-        pixels = check_images(checkpoint, data_dir, meta)
-        parity = compare(module, tmp, pixels, input_dtype)
-        tol = LOGIT_RTOL * parity["logit_scale"]
-        log.info("onnxruntime vs torch on %d real images: max logit difference %.2e (allowed %.1e), top-1 "
-                 "agreement %.2f%%", sum(CHECK_BATCHES), parity["max_logit_diff"], tol,
-                 100 * parity["top1_agreement"])
-        if parity["max_logit_diff"] > tol or parity["top1_agreement"] < 1.0:
-            raise ExportMismatch(
-                f"the ONNX model disagrees with torch (max logit difference {parity['max_logit_diff']:.2e}, "
-                f"allowed {tol:.1e}; top-1 agreement {100 * parity['top1_agreement']:.2f}%); nothing was written"
-            )
-        meta.extra.update(parity={k: parity[k] for k in ("max_logit_diff", "top1_agreement")},
+        to_onnx(module, meta, tmp32, input_dtype)
+        fp32 = variants.session(tmp32)
+        check = parity(module, fp32, _fill(data.val, max(CHECK_BATCHES)), input_dtype)
+        log.info("onnxruntime vs torch on real images, batches %s: max logit difference %.2e (allowed %.1e), "
+                 "top-1 agreement %.2f%%", CHECK_BATCHES, check["max_logit_diff"], check["tolerance"],
+                 100 * check["top1_agreement"])
+        if check["max_logit_diff"] > check["tolerance"] or check["top1_agreement"] < 1.0:
+            raise ExportMismatch(f"the ONNX model disagrees with torch (max logit difference {check['max_logit_diff']:.2e}, "
+                                 f"allowed {check['tolerance']:.1e}; top-1 agreement "
+                                 f"{100 * check['top1_agreement']:.2f}%); nothing was written")
+        with torch.no_grad():
+            torch_logits = torch.cat([module(torch.from_numpy(variants.as_input(data.val[i : i + 64], input_dtype)))
+                                      for i in range(0, len(data.val), 64)]).numpy()
+        fp32_logits = variants.logits(fp32, data.val, input_dtype)
+        final_logits, drift = fp32_logits, {}
+        if variant == "fp32":
+            os.replace(tmp32, tmp)
+        else:
+            if variant == "fp16":
+                variants.to_fp16(tmp32, tmp)
+            else:
+                variants.to_int8(tmp32, tmp, data.calibration, input_dtype)
+            candidate = variants.session(tmp)
+            final_logits = variants.logits(candidate, data.val, input_dtype)
+            drift = _drift(fp32, candidate, fp32_logits, final_logits, data.val, input_dtype)
+            log.info("%s vs fp32 on %d validation images: top-1 agreement %.2f%% (required %.2f%%)", variant,
+                     len(data.val), 100 * drift["top1_agreement"], 100 * min_agreement)
+            if drift["top1_agreement"] < min_agreement:
+                raise ExportMismatch(f"the {variant} model agrees with fp32 on only {100 * drift['top1_agreement']:.2f}% "
+                                     f"of {len(data.val)} validation images (required {100 * min_agreement:.2f}%, "
+                                     f"--min-agreement); nothing was written")
+        meta.extra.update(variant=variant, parity={k: check[k] for k in ("max_logit_diff", "top1_agreement")},
                           exporter=f"torch {torch.__version__}")
-        embed_meta(tmp, meta)
+        opset = embed_meta(tmp, meta)
         os.replace(tmp, out)
     finally:
+        tmp32.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-    log.info("wrote %s (%.1f KB)", out, out.stat().st_size / 1024)
+    report = _report(out, meta, opset, check, drift, data, torch_logits, final_logits, input_dtype, checkpoint)
+    log.info("wrote %s (%.1f KB, %s) and %s", out, out.stat().st_size / 1024, variant, report)
     return out
+
+
+def _drift(fp32, candidate, fp32_logits: np.ndarray, got: np.ndarray, pixels: np.ndarray, input_dtype: str) -> dict:
+    """Variant vs fp32: top-1 agreement on all validation images, and at each check batch size."""
+    sample, name = _fill(pixels, max(CHECK_BATCHES)), fp32.get_inputs()[0].name
+    per_batch = {}
+    for b in CHECK_BATCHES:
+        x = variants.as_input(sample[:b], input_dtype)
+        per_batch[str(b)] = variants.agreement(fp32.run(None, {name: x})[0], candidate.run(None, {name: x})[0])
+    return {"top1_agreement": min([variants.agreement(fp32_logits, got)] + list(per_batch.values())),
+            "per_batch": per_batch, "max_logit_diff": float(np.abs(fp32_logits - got).max()) if len(got) else 0.0}
+
+
+def _report(out: Path, meta: Meta, opset: int, check: dict, drift: dict, data: CheckData, torch_logits: np.ndarray,
+            onnx_logits: np.ndarray, input_dtype: str, checkpoint) -> Path:
+    import onnx
+    import onnxruntime as ort
+
+    def accuracy(logits):
+        return float((logits.argmax(1) == data.labels).mean()) if data.labels is not None else None
+
+    report = {
+        "model": str(out), "variant": meta.extra["variant"], "checkpoint": str(weights_path(checkpoint)),
+        "versions": {"toolkit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": ort.__version__, "python": platform.python_version()},
+        "opset": opset,
+        "input": {"name": meta.input_name, "dtype": input_dtype, "layout": meta.layout,
+                  "shape": ["batch", 3, meta.image_size, meta.image_size],
+                  "range": "0..1 (pixels / 255)" if input_dtype == "float32" else "0..255",
+                  "resize": meta.resize, "mean": meta.mean, "std": meta.std, "normalize_in_graph": True,
+                  "channel_order": "RGB"},
+        "classes": meta.class_names,
+        "parity_vs_torch": check,
+        "variant_vs_fp32": drift or None,
+        "validation": {"images": len(data.val), "source": data.source, "torch_accuracy": accuracy(torch_logits),
+                       "onnx_accuracy": accuracy(onnx_logits)},
+        "file": {"bytes": out.stat().st_size, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()},
+        "latency_ms_per_image": {f"batch_{b}": round(variants.latency(out, meta.image_size, input_dtype, b), 4)
+                                 for b in (1, 64)},
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "metrics_at_save": meta.metrics,
+    }
+    path = out.with_suffix(".json")
+    path.write_text(json.dumps(report, indent=1))
+    return path

@@ -59,32 +59,92 @@ def iter_batches(root: str | Path, paths: list[str], size: int, policy: str, bat
             yield pending.popleft().result()
 
 
-class OnnxClassifier:
-    """An ONNX classifier and its Meta: uint8 pixels in, probabilities out."""
+def check_external_data(path: Path) -> None:
+    """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
+    import onnx
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    model = onnx.load(str(path), load_external_data=False)
+    base = path.parent.resolve()
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in t.external_data}.get("location", "")
+            if not (base / location).resolve().is_relative_to(base):
+                raise UserError(f"'{path}' keeps weights in '{location}', outside its folder; refusing to load it")
+
+
+def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std, resize: str) -> Meta:
+    """A Meta for an ONNX classifier exported elsewhere, from what the user states and the graph shows."""
+    if not classes:
+        raise UserError("this model has no toolkit metadata; pass --classes (and --size, --mean, --std if "
+                        "normalisation is not inside the graph)")
+    shape = session.get_inputs()[0].shape  # e.g. ['batch', 3, 224, 224]
+    fixed = shape[-1] if isinstance(shape[-1], int) else None
+    size = size or fixed
+    if not size:
+        raise UserError("this model's input size is not fixed; pass --size")
+    outputs = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(classes):
+        raise UserError(f"--classes names {len(classes)} classes but the model has {outputs} outputs")
+    in_graph = mean is None and std is None
+    dtype = "uint8" if session.get_inputs()[0].type == "tensor(uint8)" else "float32"
+    return Meta(arch="external", class_names=list(classes), image_size=int(size), resize=resize,
+                mean=list(mean or [0.0] * 3), std=list(std or [1.0] * 3), input_dtype=dtype,
+                normalize_in_graph=in_graph, input_name=session.get_inputs()[0].name,
+                output_name=session.get_outputs()[0].name)
+
+
+class OnnxClassifier:
+    """An ONNX classifier and its Meta: uint8 pixels in, probabilities out.
+
+    `fallback` (classes, size, mean, std, resize) describes a model exported elsewhere; it is
+    used only when the file carries no toolkit metadata.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0, fallback: dict | None = None):
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file '{path}' does not exist")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
         try:
+            check_external_data(path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.log_severity_level = 3
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
+        except UserError:
+            raise
+        except Exception as e:  # onnx and onnxruntime raise their own exception types
             raise UserError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         props = self.session.get_modelmeta().custom_metadata_map
-        if META_KEY not in props:
-            raise UserError(f"'{path}' has no toolkit metadata; export it with `toolkit export`")
-        self.meta = Meta.from_json(props[META_KEY], f"'{path}'")
+        if META_KEY in props:
+            self.meta = Meta.from_json(props[META_KEY], f"'{path}'")
+        else:
+            self.meta = foreign_meta(self.session, **(fallback or {"classes": None, "size": None, "mean": None,
+                                                                  "std": None, "resize": "center_crop"}))
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
+        self.gain = (1 / (255 * np.asarray(self.meta.std, np.float32))).reshape(1, 3, 1, 1)
+        self.shift = (-np.asarray(self.meta.mean, np.float32) / np.asarray(self.meta.std, np.float32)).reshape(1, 3, 1, 1)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, classes) float32 logits."""
         x = pixels.transpose(0, 3, 1, 2)
-        x = x.astype(np.float32) * np.float32(1 / 255) if self.meta.input_dtype == "float32" else np.ascontiguousarray(x)
+        if self.meta.input_dtype == "uint8":
+            x = np.ascontiguousarray(x)
+        elif self.meta.normalize_in_graph:
+            x = x.astype(np.float32) * np.float32(1 / 255)
+        else:  # normalisation outside the graph: a model exported elsewhere
+            x = x.astype(np.float32) * self.gain + self.shift
         return self.session.run(None, {self.input_name: x})[0]
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
@@ -141,9 +201,9 @@ def rows_for(batch: Batch, probs: np.ndarray, classes: list[str], topk: int) -> 
 
 
 def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv",
-            batch_size: int = 64, topk: int = 1, workers: int | None = None) -> dict:
+            batch_size: int = 64, topk: int = 1, workers: int | None = None, fallback: dict | None = None) -> dict:
     """Predict every image file under `input_dir` into `output`; returns a summary dict."""
-    clf = OnnxClassifier(model)
+    clf = OnnxClassifier(model, fallback=fallback)
     root = Path(input_dir)
     if not root.is_dir():
         raise UserError(f"input folder '{root}' does not exist")
