@@ -109,9 +109,34 @@ def test_unreadable_file(tmp_path, monkeypatch):
         images.load(tmp_path / "locked.png", 4)
 
 
-def test_find_images_is_sorted_recursive_and_case_insensitive(tmp_path):
-    for rel in ["b/2.PNG", "b/1.jpg", "a.JpEg", "c/d/e.webp", "notes.txt", ".hidden.png"]:
+def test_walk_is_deterministic_recursive_and_case_insensitive(tmp_path):
+    for rel in ["b/2.PNG", "b/1.jpg", "a.JpEg", "c/d/e.webp", "notes.txt", ".hidden.png", "z.gif",
+                "folder.png/inner.bmp", ".git/x.png"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    (tmp_path / "folder.png").mkdir()
-    assert images.find_images(tmp_path) == ["a.JpEg", "b/1.jpg", "b/2.PNG", "c/d/e.webp", "folder.png"]
+    (tmp_path / "linked").symlink_to(tmp_path / "b")  # symlinked folders are not followed
+    # a folder's files in name order (a folder named like an image included), then its subfolders
+    assert images.find_images(tmp_path) == ["a.JpEg", "folder.png", "z.gif", "b/1.jpg", "b/2.PNG", "c/d/e.webp",
+                                            "folder.png/inner.bmp"]
+    assert list(images.iter_images(tmp_path)) == images.find_images(tmp_path)
+
+
+def test_decode_batches_keeps_order_and_reports_each_file(tmp_path):
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(150):
+        name = f"{i:03d}.png"
+        if i % 37 == 5:
+            (tmp_path / name).write_bytes(b"broken")
+        else:
+            Image.fromarray(np.full((9, 7, 3), i, dtype=np.uint8)).save(tmp_path / name)
+        names.append(name)
+    rng.shuffle(names)
+    for workers in (1, 2):
+        batches = list(images.decode_batches(tmp_path, iter(names), 4, "squash", batch_size=16, workers=workers))
+        assert [p for b in batches for p in b.paths] == names
+        for b in batches:
+            good = [int(p[:3]) for p, ok in zip(b.paths, b.ok) if ok]
+            assert [int(px[0, 0, 0]) for px in b.pixels] == good  # each decoded image is its own file's
+            assert {b.paths[i] for i in b.errors} == {p for p, ok in zip(b.paths, b.ok) if not ok}
+            assert all(r == "not an image" for r in b.errors.values())

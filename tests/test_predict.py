@@ -1,18 +1,25 @@
 import csv
+import hashlib
 import json
+import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from toolkit import UserError
+from conftest import ROOT, run_toolkit
+from toolkit import UserError, images, outputs
 from toolkit.evaluate import evaluate_folder
 from toolkit.export import export
 from toolkit.predict import OnnxClassifier, predict
-
-from conftest import run_toolkit
 
 
 @pytest.fixture(scope="module")
@@ -20,77 +27,276 @@ def onnx_file(tiny_run, tmp_path_factory):
     return export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
 
 
+def _rows(path):
+    return list(outputs.read_rows(Path(path)))
+
+
+def _bomb_png(path: Path, side: int = 100_000):
+    """A tiny PNG whose header claims side x side pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+                     + chunk(b"IEND", b""))
+
+
 @pytest.fixture
-def mixed_dir(shapes_dir, tmp_path):
-    """Good images in nested folders plus a corrupt PNG, a text file named .jpg and a non-image file."""
+def corpus(shapes_dir, tmp_path):
+    """Good images, odd-but-valid images and every kind of broken file; -> (root, expected errors)."""
     root = tmp_path / "in"
     shutil.copytree(shapes_dir / "val" / "star", root / "stars")
     shutil.copytree(shapes_dir / "val" / "ring", root / "more" / "rings")
-    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    (root / "notes.jpg").write_text("not really a picture")
-    (root / "readme.txt").write_text("ignored: not image-looking")
+    odd = root / "odd"
+    odd.mkdir()
+    star = Image.open(next((root / "stars").iterdir())).convert("RGB").resize((40, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    star.save(odd / "rotated.jpg", exif=exif)
+    star.convert("CMYK").save(odd / "cmyk.jpg")
+    pal = star.convert("P")
+    pal.save(odd / "palette.png", transparency=0)
+    star.convert("LA").save(odd / "grey_alpha.png")
+    Image.fromarray((np.asarray(star.convert("L")).astype(np.uint16) * 257)).save(odd / "grey16.png")
+    star.save(odd / "anim.gif", save_all=True, append_images=[star.rotate(90)])
+    star.save(odd / "UPPER.JPEG")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    data = (root / "stars" / sorted(os.listdir(root / "stars"))[0]).read_bytes()
+    (bad / "truncated.png").write_bytes(data[: len(data) // 2])
+    (bad / "text.jpg").write_text("not really a picture")
+    (bad / "random.webp").write_bytes(np.random.default_rng(0).bytes(3000))
+    _bomb_png(bad / "bomb.png")
+    (bad / "dangling.png").symlink_to(bad / "gone.png")
+    (bad / "folder.jpg").mkdir()
+    (bad / "readme.txt").write_text("not image-looking: no row")
+    expected = {"bad/empty.png": "empty file", "bad/truncated.png": "corrupt image", "bad/text.jpg": "not an image",
+                "bad/random.webp": "not an image", "bad/bomb.png": "too many pixels",
+                "bad/dangling.png": "missing or dangling link", "bad/folder.jpg": "is a folder"}
+    return root, expected
+
+
+def _fingerprint(root: Path) -> dict:
+    return {str(p): (p.lstat().st_mtime_ns, hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else "")
+            for p in sorted(root.rglob("*")) if not p.is_symlink()}
+
+
+def test_every_file_gets_one_row_with_the_right_answer(onnx_file, corpus, tmp_path):
+    root, expected = corpus
+    before = _fingerprint(root)
+    out = tmp_path / "p.csv"
+    summary = predict(onnx_file, root, out, batch_size=4, topk=3, workers=2, max_pixels=10_000_000)
+    rows = _rows(out)
+    assert list(rows[0])[:4] == ["path", "label", "score", "error"]
+    assert [r["path"] for r in rows] == images.find_images(root)  # every image-looking file, once, in walk order
+    assert len(rows) == 20 + 7 + len(expected)
+    errors = {r["path"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == set(expected)
+    for path, reason in expected.items():
+        assert errors[path].startswith(reason), (path, errors[path])
+    assert summary["ok"] == 27 and summary["failed"] == 7
+    assert summary["errors"] == {"empty file": 1, "corrupt image": 1, "not an image": 2, "too many pixels": 1,
+                                 "missing or dangling link": 1, "is a folder": 1}
+    assert sum(summary["per_class"].values()) == 27
+    # a bad file never shifts predictions: each good row holds its own file's prediction
+    clf = OnnxClassifier(onnx_file)
+    for r in rows:
+        if not r["error"]:
+            px = images.load(root / r["path"], 32)[None]
+            assert clf.meta.class_names[int(clf.logits(px).argmax())] == r["label"], r["path"]
+            scores = [float(r[f"top{k}_score"]) for k in (1, 2, 3)]
+            assert r["label"] == r["top1_label"] and scores == sorted(scores, reverse=True)
+    assert _fingerprint(root) == before  # input files are never modified
+
+
+def test_unreadable_file_is_a_row(onnx_file, corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    locked = root / "stars" / sorted(os.listdir(root / "stars"))[1]
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make the decoder see what a normal user would
+        real_open = images.Image.open
+
+        def deny(path, *a, **k):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied")
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(images.Image, "open", deny)  # forked decode workers inherit this
+    predict(onnx_file, root, tmp_path / "p.jsonl", workers=2)
+    rows = {r["path"]: r for r in _rows(tmp_path / "p.jsonl")}
+    assert rows[str(locked.relative_to(root))]["error"] == "permission denied"
+    locked.chmod(0o644)
+
+
+def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
+    pa = pytest.importorskip("pyarrow.parquet")  # installed by the dev extra
+    root, _ = corpus
+    predict(onnx_file, root, tmp_path / "p.csv", topk=2)
+    predict(onnx_file, root, tmp_path / "p.jsonl", topk=2)
+    predict(onnx_file, root, tmp_path / "p.parquet", topk=2)
+    from_csv = _rows(tmp_path / "p.csv")
+    from_jsonl = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    table = pa.read_table(tmp_path / "p.parquet").to_pylist()
+    assert len(from_csv) == len(from_jsonl) == len(table)
+    for a, b, c in zip(from_csv, from_jsonl, table):
+        assert a["path"] == b["path"] == c["path"] and a["label"] == b["label"] == (c["label"] or "")
+        if not a["error"]:
+            assert float(a["score"]) == b["score"] == c["score"]
+    assert not (tmp_path / "p.parquet.partial.jsonl").exists()
+
+
+def test_an_existing_output_is_never_overwritten_silently(onnx_file, shapes_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    predict(onnx_file, shapes_dir / "val", out)
+    with pytest.raises(UserError, match="already exists; pass --resume to continue it or --overwrite"):
+        predict(onnx_file, shapes_dir / "val", out)
+    predict(onnx_file, shapes_dir / "val", out, overwrite=True)
+    assert len(_rows(out)) == 100
+    summary = predict(onnx_file, shapes_dir / "val", out, resume=True)  # complete: nothing to do
+    assert summary["ok"] == 100
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_torn_last_record_is_cut_on_resume(suffix, tmp_path):
+    path = tmp_path / f"p{suffix}"
+    rows = [{"path": f"a/{i},x\n.png", "label": "cat", "score": 0.5, "error": ""} for i in range(5)]
+    w = outputs.RowWriter(path, 1, resume=False)
+    w.open()
+    w.write(rows[:3])
+    size = path.stat().st_size
+    w.write(rows[3:4])
+    one_row = path.stat().st_size - size
+    w.write(rows[4:])
+    w.close()
+    with open(path, "r+b") as f:  # SIGKILL during the last write: row 3 is whole, row 4 is cut short
+        f.truncate(size + one_row + 7)
+    again = outputs.RowWriter(path, 1, resume=True)
+    assert [r["path"] for r in again.existing_rows()] == [r["path"] for r in rows[:4]]
+    again.open()
+    again.write(rows[4:])
+    again.close()
+    assert [r["path"] for r in _rows(path)] == [r["path"] for r in rows]
+
+
+def _many(shapes_dir, root: Path, copies: int) -> Path:
+    """copies x the 100 validation images, as symlinks (a bigger folder without more bytes)."""
+    files = sorted((shapes_dir / "val").rglob("*.png"))
+    for c in range(copies):
+        folder = root / f"copy{c:02d}"
+        folder.mkdir(parents=True)
+        for f in files:
+            (folder / f"{f.parent.name}_{f.name}").symlink_to(f)
     return root
 
 
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_one_row_per_file_and_errors_are_rows(onnx_file, mixed_dir, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_rows(onnx_file, shapes_dir, tmp_path):
+    root = _many(shapes_dir, tmp_path / "in", 20)  # 2,000 files
+    (root / "copy05" / "broken.png").write_bytes(b"nope")
+    ref = tmp_path / "ref.csv"
+    predict(onnx_file, root, ref, batch_size=8)
     out = tmp_path / "p.csv"
-    summary = predict(onnx_file, mixed_dir, out, batch_size=4, topk=3)
-    rows = _rows(out)
-    assert list(rows[0])[:4] == ["path", "label", "score", "error"]
-    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
-    assert len(rows) == 22 and len({r["path"] for r in rows}) == 22  # 20 images + 2 bad, txt ignored
-    bad = {r["path"]: r for r in rows if r["error"]}
-    assert set(bad) == {"broken.png", "notes.jpg"}
-    assert bad["notes.jpg"]["error"] == "not an image" and bad["notes.jpg"]["label"] == ""
-    assert "corrupt" in bad["broken.png"]["error"] or "not an image" in bad["broken.png"]["error"]
-    assert summary["ok"] == 20 and summary["failed"] == 2
-    for r in rows:
-        if not r["error"]:
-            scores = [float(r[f"top{k}_score"]) for k in (1, 2, 3)]
-            assert r["label"] == r["top1_label"] and float(r["score"]) == scores[0]
-            assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+    cmd = [sys.executable, "-m", "toolkit", "predict", str(onnx_file), str(root), "-o", str(out), "--batch-size", "8",
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 20_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(_rows(out))
+    assert 0 < partial < 2001, partial  # it really was interrupted
+    resumed = run_toolkit("predict", onnx_file, root, "-o", out, "--batch-size", "8", "--resume")
+    assert resumed.stdout.strip().endswith(f"2000 ok, 1 failed -> {out}")
+    assert out.read_bytes() == ref.read_bytes()  # the same rows, each path exactly once
 
 
-def test_labels_agree_with_the_model(onnx_file, shapes_dir, tmp_path):
+def test_resuming_with_another_model_is_refused(onnx_file, tiny_run, shapes_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    predict(onnx_file, shapes_dir / "val", out)
+    other = export(tiny_run / "last.safetensors", tmp_path / "other.onnx")
+    with pytest.raises(UserError, match="written with another model"):
+        predict(other, shapes_dir / "val", out, resume=True)
+
+
+def test_two_processes_give_the_same_rows_as_one(onnx_file, shapes_dir, tmp_path):
+    root = _many(shapes_dir, tmp_path / "in", 3)
+    (root / "copy01" / "broken.jpg").write_text("nope")
+    one = tmp_path / "one.csv"
+    predict(onnx_file, root, one, batch_size=16, topk=2)
+    two = tmp_path / "two.csv"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"),
+           "-m", "toolkit", "predict", str(onnx_file), str(root), "-o", str(two), "--batch-size", "16", "--topk", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert two.read_bytes() == one.read_bytes()
+    assert proc.stdout.strip().splitlines()[-1] == f"300 ok, 1 failed -> {two}"  # printed once, by the main process
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two.csv", "two.csv.run.json"]
+
+
+def test_the_decoder_streams(shapes_dir):
+    """An endless list of files: batches come out without the input ever being listed whole."""
+    import itertools
+
+    files = [f"star/{f}" for f in sorted(os.listdir(shapes_dir / "val" / "star"))]
+    with images.Decoder(2) as decoder:
+        stream = decoder.batches(shapes_dir / "val", itertools.cycle(files), 32, batch_size=8)
+        first = list(itertools.islice(stream, 5))
+    assert [len(b.paths) for b in first] == [8] * 5 and all(b.ok.all() for b in first)
+
+
+def test_labels_agree_with_evaluate(onnx_file, shapes_dir, tmp_path):
     out = tmp_path / "p.jsonl"
     predict(onnx_file, shapes_dir / "val", out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    clf = OnnxClassifier(onnx_file)
     correct = sum(r["label"] == r["path"].split("/")[0] for r in rows)
     result = evaluate_folder(onnx_file, shapes_dir / "val")
     assert len(rows) == result["n"] == 100
     assert correct == result["correct"]
-    assert all(r["label"] in clf.meta.class_names for r in rows)
 
 
-def test_cli_exits_zero_with_failed_files_and_counts_them(onnx_file, mixed_dir, tmp_path):
-    proc = run_toolkit("predict", onnx_file, mixed_dir, "-o", tmp_path / "p.csv")
-    assert proc.stdout.strip().splitlines()[-1].startswith("20 ok, 2 failed")
+def test_cli_exits_zero_with_failed_files_and_counts_them(onnx_file, corpus, tmp_path):
+    root, expected = corpus
+    proc = run_toolkit("predict", onnx_file, root, "-o", tmp_path / "p.csv", "--max-pixels", "10000000")
+    assert proc.stdout.strip().splitlines()[-1] == f"27 ok, 7 failed -> {tmp_path / 'p.csv'}"
+    assert "error 'too many pixels': 1" in proc.stderr
 
 
-def test_predict_never_imports_torch(onnx_file, mixed_dir, shapes_dir, tmp_path):
+def test_predict_never_imports_torch(onnx_file, corpus, shapes_dir, tmp_path):
+    root, _ = corpus
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
         "from toolkit.cli import main\n"
-        f"main(['predict', {str(onnx_file)!r}, {str(mixed_dir)!r}, '-o', {str(tmp_path / 'p.csv')!r}])\n"
+        f"main(['predict', {str(onnx_file)!r}, {str(root)!r}, '-o', {str(tmp_path / 'p.csv')!r}])\n"
         f"main(['evaluate', {str(onnx_file)!r}, {str(shapes_dir / 'val')!r}])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(_rows(tmp_path / "p.csv")) == 22
+    assert len(_rows(tmp_path / "p.csv")) == 34
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(onnx_file, shapes_dir, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the error path needs a CPU-only build")
+    with pytest.raises(UserError, match="--device cuda: this onnxruntime build has no CUDA support"):
+        OnnxClassifier(onnx_file, device="cuda")
+    proc = run_toolkit("predict", onnx_file, shapes_dir / "val", "-o", tmp_path / "p.csv", "--device", "cuda",
+                       check=False)
+    assert proc.returncode == 2 and "no CUDA support" in proc.stderr
+    assert not (tmp_path / "p.csv").exists()
+    assert OnnxClassifier(onnx_file, device="auto").device == "cpu"  # auto: CUDA only when present
 
 
 def test_bad_model_and_folder_are_one_line_errors(onnx_file, tmp_path):
     (tmp_path / "fake.onnx").write_bytes(b"definitely not onnx")
     with pytest.raises(UserError, match="fake.onnx' is not a loadable ONNX model"):
-        predict(tmp_path / "fake.onnx", tmp_path)
+        predict(tmp_path / "fake.onnx", tmp_path, tmp_path / "p.csv")
     with pytest.raises(UserError, match="input folder '.*nowhere' does not exist"):
-        predict(onnx_file, tmp_path / "nowhere")
+        predict(onnx_file, tmp_path / "nowhere", tmp_path / "p.csv")
+    with pytest.raises(UserError, match="must end in .csv, .jsonl or .parquet"):
+        predict(onnx_file, tmp_path, tmp_path / "p.txt")
     proc = run_toolkit("predict", tmp_path / "fake.onnx", tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "Traceback" not in proc.stderr

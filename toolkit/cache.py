@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from toolkit.config import DataConfig
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the decoding definition in images.py changes
-CHUNK = 256  # files per task sent to a decode worker
+CHUNK = 256  # files per batch sent to a decode worker
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -50,32 +49,18 @@ def fingerprint(files: list[str], cfg: DataConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_chunk(args) -> tuple[np.ndarray, np.ndarray]:
-    files, size, policy, max_pixels = args
-    out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
-    for i, f in enumerate(files):
-        try:
-            out[i] = images.load(f, size, policy, max_pixels).transpose(2, 0, 1)
-            ok[i] = True
-        except images.DecodeError:
-            pass
-    return out, ok
-
-
 def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode `files` with the shared preprocessing -> ((N, 3, H, W) uint8, (N,) bool ok)."""
-    workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
-    tasks = [(files[i : i + CHUNK], cfg.image_size, cfg.resize, cfg.max_image_pixels)
-             for i in range(0, len(files), CHUNK)]
-    if workers == 1 or len(tasks) == 1:
-        parts = [_decode_chunk(t) for t in tasks]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_decode_chunk, tasks))
-    if not parts:
-        return np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8), np.zeros(0, bool)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    size = cfg.image_size
+    out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
+    ok = np.zeros(len(files), dtype=bool)
+    pos = 0
+    for batch in images.decode_batches("", files, size, cfg.resize, CHUNK, workers, cfg.max_image_pixels):
+        n = len(batch.paths)
+        ok[pos : pos + n] = batch.ok
+        out[pos : pos + n][batch.ok] = batch.pixels.transpose(0, 3, 1, 2)
+        pos += n
+    return out, ok
 
 
 def decode_cached(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -94,7 +94,14 @@ def cmd_predict(args) -> None:
     from toolkit.predict import predict
 
     summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk,
-                      fallback=_fallback(args))
+                      workers=args.workers, threads=args.threads, device=args.device, resume=args.resume,
+                      overwrite=args.overwrite, max_pixels=args.max_pixels, fallback=_fallback(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # the main process merges the parts and reports
+    for name, n in summary["per_class"].items():
+        print(f"  {name}: {n}", file=sys.stderr)
+    for reason, n in summary["errors"].items():
+        print(f"  error '{reason}': {n}", file=sys.stderr)
     print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
 
 
@@ -158,9 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
             "toolkit predict exported/quickstart.onnx photos/ -o predictions.csv --topk 3")
     r.add_argument("model", help="ONNX file written by toolkit export")
     r.add_argument("input_dir", help="folder of images (searched recursively)")
-    r.add_argument("-o", "--output", default="predictions.csv", help=".csv or .jsonl (default predictions.csv)")
-    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("-o", "--output", default="predictions.csv",
+                   help=".csv, .jsonl or .parquet (with pyarrow); default predictions.csv")
+    r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--topk", type=int, default=1, help="also write the k best classes and probabilities")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted output (same model and folder)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="cuda is an error when unavailable; auto uses CUDA when present")
+    r.add_argument("--workers", type=int, default=0, help="decode processes (default: the cores of this process)")
+    r.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: onnxruntime's choice)")
+    r.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="refuse larger images (decompression bombs), checked before decoding")
 
     for sp in (e, r):  # a model exported elsewhere, without toolkit metadata
         g = sp.add_argument_group("ONNX models without toolkit metadata")

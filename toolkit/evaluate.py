@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import UserError, images
-from toolkit.predict import iter_batches
 
 
 def _scorer(model: str | Path, fallback: dict | None = None):
@@ -41,7 +40,12 @@ def _scorer(model: str | Path, fallback: dict | None = None):
 def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None,
                     fallback: dict | None = None) -> dict:
     """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`."""
-    meta, predict = _scorer(model, fallback)
+    with images.Decoder(workers) as decoder:  # fork the decoders before a runtime starts its threads
+        meta, predict = _scorer(model, fallback)
+        return _evaluate(decoder, meta, predict, model, data_dir, batch_size)
+
+
+def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
     try:
         folder_classes, paths, labels = images.find_labelled(data_dir)
     except FileNotFoundError:
@@ -56,7 +60,7 @@ def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 6
     k = meta.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
     failed, pos = 0, 0
-    for batch in iter_batches(data_dir, paths, meta.image_size, meta.resize, batch_size, workers):
+    for batch in decoder.batches(data_dir, paths, meta.image_size, meta.resize, batch_size):
         y = truth[pos : pos + len(batch.paths)][batch.ok]
         pos += len(batch.paths)
         failed += int((~batch.ok).sum())
@@ -71,9 +75,16 @@ def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 6
 
 
 def format_result(r: dict) -> str:
+    """Accuracy line, per-class table and (up to 30 classes) the confusion matrix, as text."""
     from toolkit.report import format_table, per_class_rows
 
     lines = [f"accuracy {100 * r['accuracy']:.2f}% ({r['correct']}/{r['n']} images"
              + (f", {r['failed']} unreadable)" if r["failed"] else ")"),
              format_table(per_class_rows(r["confusion"], r["classes"]))]
+    if len(r["classes"]) <= 30:
+        width = max(5, max(len(c) for c in r["classes"]), len(str(max(max(row) for row in r["confusion"]))))
+        lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+                  " " * (width + 2) + " ".join(f"{c[:width]:>{width}}" for c in r["classes"])]
+        for name, row in zip(r["classes"], r["confusion"]):
+            lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)

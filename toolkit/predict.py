@@ -1,62 +1,31 @@
 """Batch prediction of a folder of images with onnxruntime: numpy + PIL only, never torch.
 
-Files are found in a deterministic order, decoded in parallel threads (PIL releases the
-GIL while decoding and resizing) with a bounded number of batches in flight, run through
-the model and written one row per file as soon as their batch is done. A file that
-cannot be decoded gets a row with its error; it never stops the run.
+Files are walked lazily in a deterministic order, decoded by worker processes a bounded
+number of batches ahead, run through the model, and written one row per file as soon as
+their batch is done. A file that cannot be decoded gets a row with its reason, never a
+crash. `resume` continues an interrupted output; under `accelerate launch` (or any launcher
+that sets RANK and WORLD_SIZE) each process answers every n-th file into its own part and
+the main process merges the parts into the single-process order.
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import itertools
 import json
+import logging
 import os
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from toolkit import UserError, images
+from toolkit import UserError, images, outputs
 from toolkit.meta import META_KEY, Meta
 
-
-@dataclass
-class Batch:
-    paths: list[str]  # relative to the input folder, in output order
-    pixels: np.ndarray  # (k, H, W, 3) uint8 for the files that decoded
-    ok: np.ndarray  # (len(paths),) bool
-    errors: dict[int, str]  # position in paths -> reason
-
-
-def _decode_batch(root: Path, paths: list[str], size: int, policy: str, max_pixels: int) -> Batch:
-    arrays, ok, errors = [], np.zeros(len(paths), dtype=bool), {}
-    for i, rel in enumerate(paths):
-        try:
-            arrays.append(images.load(root / rel, size, policy, max_pixels))
-            ok[i] = True
-        except images.DecodeError as e:
-            errors[i] = str(e)
-    pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
-    return Batch(paths, pixels, ok, errors)
-
-
-def iter_batches(root: str | Path, paths: list[str], size: int, policy: str, batch_size: int = 64,
-                 workers: int | None = None, max_pixels: int = 89_478_485) -> Iterator[Batch]:
-    """Decoded batches in order, at most 2 x workers batches decoded ahead (bounded memory)."""
-    root = Path(root)
-    workers = workers or os.cpu_count() or 1
-    chunks = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_decode_batch, root, chunk, size, policy, max_pixels))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+log = logging.getLogger(__name__)
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def check_external_data(path: Path) -> None:
@@ -87,44 +56,66 @@ def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std
         raise UserError("this model has no toolkit metadata; pass --classes (and --size, --mean, --std if "
                         "normalisation is not inside the graph)")
     shape = session.get_inputs()[0].shape  # e.g. ['batch', 3, 224, 224]
-    fixed = shape[-1] if isinstance(shape[-1], int) else None
-    size = size or fixed
+    size = size or (shape[-1] if isinstance(shape[-1], int) else None)
     if not size:
         raise UserError("this model's input size is not fixed; pass --size")
-    outputs = session.get_outputs()[0].shape[-1]
-    if isinstance(outputs, int) and outputs != len(classes):
-        raise UserError(f"--classes names {len(classes)} classes but the model has {outputs} outputs")
-    in_graph = mean is None and std is None
+    outputs_n = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs_n, int) and outputs_n != len(classes):
+        raise UserError(f"--classes names {len(classes)} classes but the model has {outputs_n} outputs")
     dtype = "uint8" if session.get_inputs()[0].type == "tensor(uint8)" else "float32"
     return Meta(arch="external", class_names=list(classes), image_size=int(size), resize=resize,
                 mean=list(mean or [0.0] * 3), std=list(std or [1.0] * 3), input_dtype=dtype,
-                normalize_in_graph=in_graph, input_name=session.get_inputs()[0].name,
+                normalize_in_graph=mean is None and std is None, input_name=session.get_inputs()[0].name,
                 output_name=session.get_outputs()[0].name)
+
+
+def providers(device: str, device_id: int = 0) -> list:
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}; got '{device}'")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise UserError("--device cuda: this onnxruntime build has no CUDA support (pip install onnxruntime-gpu), "
+                        "or use --device cpu")
+    if device == "cpu" or not has_cuda:
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
 
 class OnnxClassifier:
     """An ONNX classifier and its Meta: uint8 pixels in, probabilities out.
 
     `fallback` (classes, size, mean, std, resize) describes a model exported elsewhere; it is
-    used only when the file carries no toolkit metadata.
+    used only when the file carries no toolkit metadata. `device` cuda never falls back to the
+    CPU silently: if onnxruntime cannot use CUDA, that is an error.
     """
 
-    def __init__(self, path: str | Path, threads: int = 0, fallback: dict | None = None):
+    def __init__(self, path: str | Path, threads: int = 0, fallback: dict | None = None, device: str = "cpu",
+                 device_id: int = 0, checked: bool = False):
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file '{path}' does not exist")
+        wanted = providers(device, device_id)
         try:
-            check_external_data(path)
+            if not checked:  # a worker loads a file the main process has already checked
+                check_external_data(path)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.log_severity_level = 3
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the core
+            self.session = ort.InferenceSession(str(path), options, providers=wanted)
         except UserError:
             raise
         except Exception as e:  # onnx and onnxruntime raise their own exception types
             raise UserError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        used = self.session.get_providers()[0]
+        if device == "cuda" and used != "CUDAExecutionProvider":
+            raise UserError("--device cuda: onnxruntime could not start CUDA (are the CUDA and cuDNN libraries "
+                            "installed?); refusing to fall back to the CPU")
+        self.device = "cuda" if used == "CUDAExecutionProvider" else "cpu"
         props = self.session.get_modelmeta().custom_metadata_map
         if META_KEY in props:
             self.meta = Meta.from_json(props[META_KEY], f"'{path}'")
@@ -133,8 +124,9 @@ class OnnxClassifier:
                                                                   "std": None, "resize": "center_crop"}))
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
-        self.gain = (1 / (255 * np.asarray(self.meta.std, np.float32))).reshape(1, 3, 1, 1)
-        self.shift = (-np.asarray(self.meta.mean, np.float32) / np.asarray(self.meta.std, np.float32)).reshape(1, 3, 1, 1)
+        std = np.asarray(self.meta.std, np.float32)
+        self.gain = (1 / (255 * std)).reshape(1, 3, 1, 1)
+        self.shift = (-np.asarray(self.meta.mean, np.float32) / std).reshape(1, 3, 1, 1)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, classes) float32 logits."""
@@ -153,74 +145,198 @@ class OnnxClassifier:
         return z / z.sum(1, keepdims=True)
 
 
-class RowWriter:
-    """CSV or JSON Lines by the output's extension; every batch is flushed as it is written."""
-
-    def __init__(self, path: Path, topk: int):
-        self.path, self.topk = path, topk
-        self.jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-        if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
-            raise UserError(f"output '{path}' must end in .csv or .jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w", newline="")
-        self.columns = ["path", "label", "score", "error"]
-        for k in range(1, topk + 1) if topk > 1 else ():
-            self.columns += [f"top{k}_label", f"top{k}_score"]
-        if not self.jsonl:
-            self.csv = csv.DictWriter(self.file, fieldnames=self.columns)
-            self.csv.writeheader()
-
-    def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            if self.jsonl:
-                self.file.write(json.dumps(row) + "\n")
-            else:
-                self.csv.writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def rows_for(batch: Batch, probs: np.ndarray, classes: list[str], topk: int) -> list[dict]:
+def rows_for(batch: images.Batch, probs: np.ndarray, classes: list[str], topk: int) -> list[dict]:
+    """One row per file of the batch, in order; decoded files take their probabilities in order."""
+    blank = {f"top{k}_{f}": "" for k in range(1, topk + 1) for f in ("label", "score")} if topk > 1 else {}
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     rows, j = [], 0
     for i, rel in enumerate(batch.paths):
         if not batch.ok[i]:
-            row = {"path": rel, "label": "", "score": "", "error": batch.errors[i]}
-            row.update({f"top{k}_{f}": "" for k in range(1, topk + 1) for f in ("label", "score")} if topk > 1 else {})
-        else:
-            p = probs[j]
-            j += 1
-            best = np.argsort(-p, kind="stable")[: max(1, topk)]
-            row = {"path": rel, "label": classes[best[0]], "score": round(float(p[best[0]]), 6), "error": ""}
-            if topk > 1:
-                for k, c in enumerate(best, 1):
-                    row[f"top{k}_label"], row[f"top{k}_score"] = classes[c], round(float(p[c]), 6)
+            rows.append({"path": rel, "label": "", "score": "", "error": batch.errors[i], **blank})
+            continue
+        p, order = probs[j], best[j]
+        j += 1
+        row = {"path": rel, "label": classes[order[0]], "score": round(float(p[order[0]]), 6), "error": ""}
+        if topk > 1:
+            for k, c in enumerate(order, 1):
+                row[f"top{k}_label"], row[f"top{k}_score"] = classes[c], round(float(p[c]), 6)
         rows.append(row)
     return rows
 
 
-def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv",
-            batch_size: int = 64, topk: int = 1, workers: int | None = None, fallback: dict | None = None) -> dict:
-    """Predict every image file under `input_dir` into `output`; returns a summary dict."""
-    clf = OnnxClassifier(model, fallback=fallback)
-    root = Path(input_dir)
+_SESSIONS: dict[str, OnnxClassifier] = {}  # per process: each decode worker loads the model once
+
+
+def _rows(clf: OnnxClassifier, batch: images.Batch, topk: int) -> list[dict]:
+    probs = clf.probabilities(batch.pixels) if len(batch.pixels) else np.zeros((0, clf.meta.num_classes))
+    return rows_for(batch, probs, clf.meta.class_names, topk)
+
+
+def _load_session(model: str, fallback: dict | None) -> None:
+    """Worker start-up: load the model once, single-threaded (the workers share the cores).
+
+    A model that does not load is reported by the main process, which loads it too; a worker
+    start-up must not fail (that would break the pool), so it leaves the error to _answer.
+    """
+    try:
+        _SESSIONS[model] = OnnxClassifier(model, threads=1, fallback=fallback, checked=True)
+    except Exception:
+        pass
+
+
+def _answer(paths: list[str], root: str, model: str, fallback: dict | None, topk: int, max_pixels: int) -> list[dict]:
+    """In a worker: decode `paths` and predict them; -> their rows."""
+    if model not in _SESSIONS:
+        _load_session(model, fallback)
+    clf = _SESSIONS[model]
+    batch = images.decode_chunk(paths, root, clf.meta.image_size, clf.meta.resize, max_pixels)
+    return _rows(clf, batch, topk)
+
+
+class Tally:
+    """Counts per predicted class and per error reason (the summary), from rows."""
+
+    def __init__(self):
+        self.labels, self.errors = Counter(), Counter()
+
+    def add(self, row: dict) -> None:
+        if row["error"]:
+            self.errors[row["error"].split(" (")[0]] += 1
+        else:
+            self.labels[row["label"]] += 1
+
+    def summary(self, output: Path) -> dict:
+        return {"ok": sum(self.labels.values()), "failed": sum(self.errors.values()), "output": str(output),
+                "per_class": dict(sorted(self.labels.items())), "errors": dict(self.errors.most_common())}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _process() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, processes on this machine) from the launcher's environment."""
+    env = os.environ
+    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+
+
+def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv", batch_size: int = 128,
+            topk: int = 1, workers: int | None = None, threads: int = 0, device: str = "cpu", resume: bool = False,
+            overwrite: bool = False, max_pixels: int = 89_478_485, fallback: dict | None = None) -> dict:
+    """Predict every image file under `input_dir` into `output`; returns the summary (main process)."""
+    root, out = Path(input_dir), Path(output)
     if not root.is_dir():
         raise UserError(f"input folder '{root}' does not exist")
     if batch_size < 1 or topk < 1:
         raise UserError("--batch-size and --topk must be at least 1")
-    topk = min(topk, clf.meta.num_classes)
-    paths = images.find_images(root)
-    writer = RowWriter(Path(output), topk)
-    labels, errors = Counter(), Counter()
-    try:
-        for batch in iter_batches(root, paths, clf.meta.image_size, clf.meta.resize, batch_size, workers):
-            probs = clf.probabilities(batch.pixels) if len(batch.pixels) else np.zeros((0, clf.meta.num_classes))
-            rows = rows_for(batch, probs, clf.meta.class_names, topk)
-            writer.write(rows)
-            labels.update(r["label"] for r in rows if not r["error"])
-            errors.update(r["error"].split(" (")[0] for r in rows if r["error"])
-    finally:
-        writer.close()
-    return {"ok": sum(labels.values()), "failed": sum(errors.values()), "output": str(output),
-            "per_class": dict(labels), "errors": dict(errors)}
+    fmt = outputs.format_of(out)
+    rank, world, local_rank, local_world = _process()
+    sidecar = out.with_name(out.name + ".run.json")
+    final_rows = outputs.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
+    target = final_rows if world == 1 else out.with_name(
+        f"{out.name}.part-{rank}-of-{world}" + (".jsonl" if fmt != "csv" else ".csv"))
+    if resume and sidecar.is_file() and json.loads(sidecar.read_text()).get("complete"):
+        _check_same_model(sidecar, model, world)
+        log.info("%s is already complete", out)
+        return json.loads(sidecar.read_text())["summary"]
+    _prepare(out, sidecar, target, rank, world, resume, overwrite, model)
+
+    cores = max(1, (os.cpu_count() or 1) // local_world)
+    load = (_load_session, (str(model), fallback)) if device == "cpu" else (None, ())
+    with images.Decoder(workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
+        clf = OnnxClassifier(model, threads, fallback, device, local_rank)
+        topk = min(topk, clf.meta.num_classes)
+        if rank == 0 and not (resume and sidecar.is_file()):
+            sidecar.write_text(json.dumps({"model": str(model), "model_sha256": _sha256(Path(model)),
+                                           "input_dir": str(root.resolve()), "topk": topk, "world_size": world,
+                                           "complete": False}))
+        files = itertools.islice(images.iter_images(root), rank, None, world)  # this process's share, lazily
+        writer = outputs.RowWriter(target, topk, resume)
+        tally, done = Tally(), 0
+        for row in writer.existing_rows():  # resume: the rows must be the first files of the same walk
+            expected = next(files, None)
+            if row["path"] != expected:
+                raise UserError(f"'{target}' row {done + 1} answers '{row['path']}' but the folder now lists "
+                                f"'{expected}' there: the input changed since the interrupted run; use a new output")
+            tally.add(row)
+            done += 1
+        if done:
+            log.info("resuming %s after %d rows", target, done)
+        writer.open()
+        try:
+            if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
+                _SESSIONS[str(model)] = clf  # used when there are no worker processes
+                answers = decoder.map(_answer, images.chunked(files, batch_size), str(root), str(model), fallback,
+                                      topk, max_pixels)
+            else:  # one GPU session here; the workers only decode
+                answers = (_rows(clf, b, topk) for b in decoder.batches(root, files, clf.meta.image_size,
+                                                                       clf.meta.resize, batch_size, max_pixels))
+            for rows in answers:
+                writer.write(rows)
+                for row in rows:
+                    tally.add(row)
+        finally:
+            writer.close()
+            _SESSIONS.clear()
+    if world > 1:
+        target.with_name(target.name + ".done").write_text(json.dumps(tally.summary(target)))
+        if rank != 0:
+            return tally.summary(target)
+        tally = _merge(out, final_rows, target, world, topk)
+    if fmt == "parquet":
+        outputs.to_parquet(final_rows, out)
+    summary = tally.summary(out)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "complete": True, "summary": summary}))
+    return summary
+
+
+def _check_same_model(sidecar: Path, model, world: int) -> None:
+    previous = json.loads(sidecar.read_text())
+    if previous.get("model_sha256") != _sha256(Path(model)):
+        raise UserError(f"the output was written with another model ({previous.get('model')}); refusing to resume "
+                        f"with '{model}': predictions of two models would be mixed")
+    if previous.get("world_size") != world:
+        raise UserError(f"the output was written by {previous.get('world_size')} processes; resume it with the "
+                        f"same number (now {world})")
+
+
+def _prepare(out: Path, sidecar: Path, target: Path, rank: int, world: int, resume: bool, overwrite: bool,
+             model) -> None:
+    """Check what an earlier run left behind: resume it, replace it (--overwrite), or refuse. Never lose rows."""
+    mine = dict.fromkeys([target] + ([out, sidecar, outputs.staging_path(out)] if rank == 0 else []))  # its own files
+    earlier = [p for p in mine if p.exists()]
+    if overwrite:
+        for p in earlier:
+            p.unlink()
+    elif resume and sidecar.is_file():
+        _check_same_model(sidecar, model, world)
+    elif resume and earlier:
+        raise UserError(f"'{earlier[0]}' has no run record ({sidecar.name}), so it cannot be checked against this "
+                        "model; use --overwrite or a new output")
+    elif earlier:
+        raise UserError(f"'{earlier[0]}' already exists; pass --resume to continue it or --overwrite to replace it")
+    target.with_name(target.name + ".done").unlink(missing_ok=True)
+
+
+def _merge(out: Path, final_rows: Path, target: Path, world: int, topk: int) -> Tally:
+    """Main process: wait for every part, interleave them into `final_rows`, remove the parts."""
+    parts = [target.with_name(target.name.replace("part-0-of", f"part-{r}-of")) for r in range(world)]
+    markers = [p.with_name(p.name + ".done") for p in parts]
+    waited = 0.0
+    while not all(m.exists() for m in markers):  # the launcher stops the job if another process fails
+        time.sleep(0.2)
+        waited += 0.2
+        if waited > 60 and waited % 60 < 0.2:
+            log.info("waiting for %d of %d processes to finish their parts", sum(not m.exists() for m in markers),
+                     world)
+    tally = Tally()
+    for row in outputs.merge_parts(parts, final_rows, topk):
+        tally.add(row)
+    for p in parts + markers:
+        p.unlink()
+    return tally
