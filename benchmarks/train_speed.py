@@ -48,13 +48,21 @@ def toolkit_train(data: Path, out: Path, name: str, cache: Path, *overrides: str
     return seconds, records, decode_s, proc.stderr
 
 
-def compute_only(arch: str, batch: int, seconds: float = 4.0) -> float:
+def compute_only(arch: str, batch: int) -> float:
+    """compute_only_here() in a fresh process, like the training runs it is compared with."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import train_speed as t; " \
+           f"print(t.compute_only_here({arch!r}, {batch}))"
+    _, proc = run([sys.executable, "-c", code])
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def compute_only_here(arch: str, batch: int, seconds: float = 4.0) -> float:
     """Images/s of forward + backward + SGD step on random tensors already in memory."""
     import torch
 
     from toolkit.config import load_config
     from toolkit.models import create_model
-    from toolkit.train import build_optimizer
+    from toolkit.optim import build_optimizer
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.arch={arch}", f"data.batch_size={batch}"])
     model = create_model(arch, 10, 32).train()
@@ -83,6 +91,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="toolkit batch size")
     p.add_argument("--models", default="tutorial_net,resnet_small", help="models for the throughput table")
     p.add_argument("--repeats", type=int, default=5, help="alternating throughput measurements per model")
+    p.add_argument("--skip-time-to-accuracy", action="store_true", help="only the throughput table")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="train_speed-"))
     data = args.data
@@ -91,19 +100,25 @@ def main() -> None:
         t, _ = run([sys.executable, "-m", "toolkit", "data", "shapes", str(data), "--train-per-class",
                     str(args.per_class), "--val-per-class", str(args.per_class // 6)])
         print(f"generated {data} in {t:.0f} s", flush=True)
+
+    if not args.skip_time_to_accuracy:
+        time_to_accuracy(data, work, args.batch)
+    throughput(work, args)
+    print(f"\n(work files in {work})")
+
+
+def time_to_accuracy(data: Path, work: Path, batch: int) -> None:
     n_train = sum(1 for _ in (data / "train").rglob("*.png"))
     n_val = sum(1 for _ in (data / "val").rglob("*.png"))
-
-    # 1. time to accuracy
     base_s, proc = run([sys.executable, str(ROOT / "benchmarks/tutorial_pipeline.py"), str(data)])
     base = json.loads(proc.stdout.strip().splitlines()[-1])
     target = base["accuracy"] - 0.005
     cold = work / "cache-cold"
     tk_s, records, decode_cold, _ = toolkit_train(
-        data, work / "runs", "cold", cold, "model.arch=tutorial_net", f"data.batch_size={args.batch}",
+        data, work / "runs", "cold", cold, "model.arch=tutorial_net", f"data.batch_size={batch}",
         "train.epochs=20", f"train.stop_at_accuracy={target}")
     warm_s, _, decode_warm, warm_log = toolkit_train(
-        data, work / "runs", "warm", cold, "model.arch=tutorial_net", f"data.batch_size={args.batch}",
+        data, work / "runs", "warm", cold, "model.arch=tutorial_net", f"data.batch_size={batch}",
         "train.epochs=20", f"train.stop_at_accuracy={target}")
     reached = records[-1]
     print(f"\n## time to the tutorial pipeline's one-epoch accuracy ({n_train} train / {n_val} val images, "
@@ -112,12 +127,14 @@ def main() -> None:
     print(f"{'tutorial pipeline':28} {base_s:8.1f} {100 * base['accuracy']:7.2f}%  1 epoch, batch 4, "
           f"{base['images_per_s']:.0f} img/s in training")
     print(f"{'toolkit, cold cache':28} {tk_s:8.1f} {100 * reached['val_accuracy']:7.2f}%  {len(records)} epoch(s), "
-          f"batch {args.batch}, decoding {decode_cold:.1f} s")
+          f"batch {batch}, decoding {decode_cold:.1f} s")
     print(f"{'toolkit, warm cache':28} {warm_s:8.1f} {'':8}  decoding {decode_warm:.1f} s"
           + (" (served from cache)" if "from cache" in warm_log else ""))
     print(f"{'ratio toolkit / tutorial':28} {tk_s / base_s:8.3f}")
 
-    # 2. throughput; this machine is noisy, so the two measurements alternate and medians are compared
+
+def throughput(work: Path, args) -> None:
+    """Cached path vs compute only, each in a fresh process; alternating, medians compared (noisy machine)."""
     small = work / "small"
     run([sys.executable, "-m", "toolkit", "data", "shapes", str(small), "--train-per-class", "200",
          "--val-per-class", "20"])
@@ -134,7 +151,6 @@ def main() -> None:
         ideal_m, cached_m = statistics.median(ideal), statistics.median(cached)
         print(f"{arch:16} {ideal_m:13.0f} {cached_m:12.0f} {cached_m / ideal_m:7.2f}   "
               f"{min(ideal):.0f}-{max(ideal):.0f} / {min(cached):.0f}-{max(cached):.0f}", flush=True)
-    print(f"\n(work files in {work})")
 
 
 if __name__ == "__main__":

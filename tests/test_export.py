@@ -170,7 +170,7 @@ def test_independent_runtime_opencv_gives_the_same_top1(onnx_file, shapes_dir):
 # --- robustness of the files predict loads --------------------------------------------------
 
 def test_external_data_outside_the_model_folder_is_refused(onnx_file, tmp_path):
-    from toolkit.predict import OnnxClassifier
+    from toolkit.runtime import OnnxClassifier
 
     model = onnx.load(str(onnx_file))
     init = model.graph.initializer[0]
@@ -186,7 +186,7 @@ def test_external_data_outside_the_model_folder_is_refused(onnx_file, tmp_path):
 
 
 def test_unknown_meta_schema_in_an_onnx_file(onnx_file, tmp_path):
-    from toolkit.predict import OnnxClassifier
+    from toolkit.runtime import OnnxClassifier
 
     model = onnx.load(str(onnx_file))
     meta = json.loads(model.metadata_props[0].value)
@@ -201,7 +201,7 @@ def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(
                                                                                tmp_path):
     """No toolkit metadata, normalisation outside the graph: predict applies what the user passes."""
     from toolkit.evaluate import evaluate_folder
-    from toolkit.predict import OnnxClassifier
+    from toolkit.runtime import OnnxClassifier
 
     net, meta = build_model(tiny_run)
     bare = tmp_path / "bare.onnx"

@@ -19,7 +19,8 @@ from conftest import ROOT, run_toolkit
 from toolkit import UserError, images, outputs
 from toolkit.evaluate import evaluate_folder
 from toolkit.export import export
-from toolkit.predict import OnnxClassifier, predict
+from toolkit.predict import predict
+from toolkit.runtime import OnnxClassifier
 
 
 @pytest.fixture(scope="module")

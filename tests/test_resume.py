@@ -185,7 +185,7 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shapes_dir, 
            "SLURM_JOB_ID": "42", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "2",
            "SLURM_JOB_NODELIST": "node1", "ACCELERATE_USE_CPU": "true"}
     args = [str(ROOT / "configs/quickstart.yaml"), "name=slurm", f"data.root={shapes_dir}",
-            f"train.out_dir={tmp_path}", "data.batch_size=8", "train.epochs=60", "train.checkpoint_every=5",
+            f"train.out_dir={tmp_path}", "data.batch_size=8", "train.epochs=30", "train.checkpoint_every=5",
             "train.progress=false"]
     script = ["bash", str(ROOT / "launch/slurm.sbatch"), *args]
     job = subprocess.Popen(script, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
@@ -205,7 +205,7 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shapes_dir, 
     assert f"resumed from {run}/state/step-{saved['step']:09d}" in rerun.stderr
     assert log.read_text().split() == ["requeue", "42"]  # finished: not requeued again
     assert (run / "report" / "confusion.png").is_file()
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 60
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 30
 
 
 def test_a_two_process_run_exports(reference, tmp_path):

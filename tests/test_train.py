@@ -9,7 +9,8 @@ from PIL import Image
 from toolkit.checkpoint import load_weights
 from toolkit.config import load_config
 from toolkit.evaluate import evaluate_folder
-from toolkit.train import lr_at, resolve_run_dir, train
+from toolkit.optim import lr_at
+from toolkit.train import resolve_run_dir, train
 
 
 def _records(run):

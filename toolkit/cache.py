@@ -22,6 +22,7 @@ import numpy as np
 
 from toolkit import images
 from toolkit.config import DataConfig
+from toolkit.report import progress_bar
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the decoding definition in images.py changes
@@ -55,11 +56,14 @@ def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tup
     out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
     ok = np.zeros(len(files), dtype=bool)
     pos = 0
+    bar = progress_bar(len(files), f"decoding {len(files)} images")
     for batch in images.decode_batches("", files, size, cfg.resize, CHUNK, workers, cfg.max_image_pixels):
         n = len(batch.paths)
         ok[pos : pos + n] = batch.ok
         out[pos : pos + n][batch.ok] = batch.pixels.transpose(0, 3, 1, 2)
         pos += n
+        bar.update(n)
+    bar.close()
     return out, ok
 
 

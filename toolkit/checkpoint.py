@@ -9,6 +9,7 @@ the optimizer/RNG dicts of a resume state.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from toolkit import UserError
 from toolkit.meta import META_KEY, Meta
 
+log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 
 
@@ -188,3 +190,41 @@ def load_state(path: Path) -> tuple[dict, dict[str, object]]:
         except Exception as e:  # safetensors, zipfile and unpickler errors all mean a damaged file
             raise UserError(f"resume state file '{f}' is damaged ({str(e).splitlines()[0][:200]})") from None
     return trainer, files
+
+
+def save_resume(accelerator, raw_model, optimizer, progress: dict, run_dir: Path, cfg) -> None:
+    """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
+    from accelerate.utils import gather_object
+
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = gather_object([rng])  # one entry per process, in rank order
+    if not accelerator.is_main_process:
+        return
+    weights = clean_state_dict(raw_model.state_dict())
+    assert_finite(weights, "the resume state")
+    files = {"model.safetensors": weights, "optimizer.pt": optimizer.state_dict(),
+             "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
+    if accelerator.scaler is not None:
+        files["scaler.pt"] = accelerator.scaler.state_dict()
+    trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
+               "config_hash": cfg.hash()}
+    save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
+
+
+def restore_resume(accelerator, optimizer, files: dict, progress: dict) -> None:
+    """Load a state's optimizer, loss scaler and this process's RNG; adapt the position to the world size."""
+    optimizer.load_state_dict(files["optimizer.pt"])
+    if accelerator.scaler is not None and "scaler.pt" in files:
+        accelerator.scaler.load_state_dict(files["scaler.pt"])
+    rng = files["rng.pt"].get(str(accelerator.process_index))
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    world, saved = accelerator.num_processes, progress.get("world_size", accelerator.num_processes)
+    if saved != world and progress["batch"]:  # keep the samples seen; count them in this world's batches
+        progress["batch"] = progress["batch"] * saved // world
+        log.warning("resuming %d processes from a %d-process state: the position in the epoch is rounded",
+                    world, saved)

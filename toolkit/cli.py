@@ -29,8 +29,13 @@ def cmd_data(args) -> None:
 
     if args.out.exists():
         raise UserError(f"'{args.out}' already exists; choose a new folder or remove it")
-    shapes.generate(args.out, args.train_per_class, args.val_per_class, seed=args.seed, size=args.size)
+    from toolkit.report import progress_bar
+
     n = (args.train_per_class + args.val_per_class) * len(shapes.CLASSES)
+    bar = progress_bar(n, "drawing images")
+    shapes.generate(args.out, args.train_per_class, args.val_per_class, seed=args.seed, size=args.size,
+                    progress=bar.update)
+    bar.close()
     logging.getLogger("toolkit").info("wrote %d images of %d classes", n, len(shapes.CLASSES))
     print(args.out)
 
@@ -95,7 +100,8 @@ def cmd_predict(args) -> None:
 
     summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk,
                       workers=args.workers, threads=args.threads, device=args.device, resume=args.resume,
-                      overwrite=args.overwrite, max_pixels=args.max_pixels, fallback=_fallback(args))
+                      overwrite=args.overwrite, max_pixels=args.max_pixels, fallback=_fallback(args),
+                      grid=args.grid, grid_count=args.grid_count)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # the main process merges the parts and reports
     for name, n in summary["per_class"].items():
@@ -103,6 +109,28 @@ def cmd_predict(args) -> None:
     for reason, n in summary["errors"].items():
         print(f"  error '{reason}': {n}", file=sys.stderr)
     print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
+
+
+def cmd_preview(args) -> None:
+    from toolkit.pictures import preview
+
+    counts = preview(args.data_dir, args.output, per_class=args.per_class)
+    width = max(len(c) for c in counts)
+    for name, n in counts.items():
+        print(f"{name:<{width}}  {n:>7,}", file=sys.stderr)
+    print(args.output)
+
+
+def cmd_inspect(args) -> None:
+    from toolkit.pictures import inspect
+
+    size, resize, mean, std = args.size, args.resize, None, None
+    if args.model:
+        from toolkit.meta import read_meta
+
+        meta = read_meta(args.model)
+        size, resize, mean, std = meta.image_size, meta.resize, meta.mean, meta.std
+    print(inspect(args.image, size, resize, mean, std))
 
 
 def cmd_models(args) -> None:
@@ -177,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: onnxruntime's choice)")
     r.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse larger images (decompression bombs), checked before decoding")
+    r.add_argument("--grid", help="also draw the first predictions (image, label, score) into this PNG")
+    r.add_argument("--grid-count", type=int, default=32, help="images in --grid (default 32)")
 
     for sp in (e, r):  # a model exported elsewhere, without toolkit metadata
         g = sp.add_argument_group("ONNX models without toolkit metadata")
@@ -186,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(omit when normalisation is inside the graph)")
         g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
         g.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
+
+    v = add("preview", cmd_preview, "a grid of sample images per class, and the class counts",
+            "toolkit preview data/shapes -o grid.png")
+    v.add_argument("data_dir", help="folder of class subfolders (or with train/ and val/ inside)")
+    v.add_argument("-o", "--output", default="preview.png", help="PNG file to write (default preview.png)")
+    v.add_argument("--per-class", type=int, default=8, help="images shown per class")
+
+    n = add("inspect", cmd_inspect, "an image as numbers: its pixels and the tensor a model sees",
+            "toolkit inspect data/shapes/train/star/star_00000.png --model runs/quickstart")
+    n.add_argument("image")
+    n.add_argument("--model", help="use this model's input size, resize policy, mean and std (.onnx or run dir)")
+    n.add_argument("--size", type=int, default=32, help="side in pixels after resizing (without --model)")
+    n.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
 
     add("models", cmd_models, "list the registered model architectures", "toolkit models")
     return p

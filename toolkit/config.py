@@ -113,6 +113,8 @@ CHOICES = {
     "data.cache": ("auto", "memory", "stream"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "onecycle", "constant"),
+    "train.log_with": ("", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio",
+                       "swanlab", "all"),  # accelerate's trackers
 }
 
 
@@ -208,7 +210,7 @@ def _validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
+            raise UserError(f"config key '{key}' must be one of {', '.join(a for a in allowed if a)}; got '{value}'")
     positive = {
         "data.image_size": cfg.data.image_size,
         "data.batch_size": cfg.data.batch_size,

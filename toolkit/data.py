@@ -106,9 +106,13 @@ def ensure_shapes(cfg: DataConfig, seed: int) -> None:
         return
     from toolkit import shapes
 
+    from toolkit.report import progress_bar
+
     log.info("generating the shapes dataset at %s (%d + %d images per class)",
              root, cfg.train_per_class, cfg.val_per_class)
-    shapes.generate(root, cfg.train_per_class, cfg.val_per_class, seed=seed, size=cfg.image_size)
+    bar = progress_bar((cfg.train_per_class + cfg.val_per_class) * len(shapes.CLASSES), "drawing images")
+    shapes.generate(root, cfg.train_per_class, cfg.val_per_class, seed=seed, size=cfg.image_size, progress=bar.update)
+    bar.close()
 
 
 def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Dataset:

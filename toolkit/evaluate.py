@@ -17,7 +17,7 @@ from toolkit import UserError, images
 def _scorer(model: str | Path, fallback: dict | None = None):
     """-> (Meta, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
     if str(model).lower().endswith(".onnx"):
-        from toolkit.predict import OnnxClassifier
+        from toolkit.runtime import OnnxClassifier
 
         clf = OnnxClassifier(model, fallback=fallback)
         return clf.meta, lambda px: clf.logits(px).argmax(1)

@@ -188,11 +188,17 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
     out.parent.mkdir(parents=True, exist_ok=True)
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
+    from toolkit.report import progress_bar
+
+    bar = progress_bar(4 if variant == "fp32" else 5, f"export {variant}: trace, check, " +
+                       ("" if variant == "fp32" else f"{variant}, ") + "report")
     data = check_data(checkpoint, data_dir, meta)
+    bar.update()
     tmp32 = out.with_name(f".{out.name}.fp32-{os.getpid()}.onnx")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.onnx")
     try:
         to_onnx(module, meta, tmp32, input_dtype)
+        bar.update()
         fp32 = variants.session(tmp32)
         check = parity(module, fp32, _fill(data.val, max(CHECK_BATCHES)), input_dtype)
         log.info("onnxruntime vs torch on real images, batches %s: max logit difference %.2e (allowed %.1e), "
@@ -207,6 +213,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
                                       for i in range(0, len(data.val), 64)]).numpy()
         fp32_logits = variants.logits(fp32, data.val, input_dtype)
         final_logits, drift = fp32_logits, {}
+        bar.update()
         if variant == "fp32":
             os.replace(tmp32, tmp)
         else:
@@ -223,6 +230,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
                 raise ExportMismatch(f"the {variant} model agrees with fp32 on only {100 * drift['top1_agreement']:.2f}% "
                                      f"of {len(data.val)} validation images (required {100 * min_agreement:.2f}%, "
                                      f"--min-agreement); nothing was written")
+            bar.update()
         meta.extra.update(variant=variant, parity={k: check[k] for k in ("max_logit_diff", "top1_agreement")},
                           exporter=f"torch {torch.__version__}")
         opset = embed_meta(tmp, meta)
@@ -231,6 +239,8 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
         tmp32.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
     report = _report(out, meta, opset, check, drift, data, torch_logits, final_logits, input_dtype, checkpoint)
+    bar.update()
+    bar.close()
     log.info("wrote %s (%.1f KB, %s) and %s", out, out.stat().st_size / 1024, variant, report)
     return out
 

@@ -67,3 +67,32 @@ class Meta:
         if missing:
             raise UserError(f"{source} has a metadata record without {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def read_meta(path) -> Meta:
+    """The Meta of an ONNX file, a safetensors file or a run directory, without loading weights or torch."""
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise UserError(f"no model at '{path}'")
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as e:  # onnx raises its own decode errors
+            raise UserError(f"'{path}' is not a readable ONNX file ({str(e).splitlines()[0][:100]})") from None
+    else:
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))  # safetensors: 8-byte header length, then JSON
+                props = json.loads(f.read(n)).get("__metadata__", {}) if n < 100_000_000 else {}
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"'{path}' is not a readable safetensors file") from None
+    if META_KEY not in props:
+        raise UserError(f"'{path}' has no toolkit metadata")
+    return Meta.from_json(props[META_KEY], f"'{path}'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -88,40 +89,119 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -> None:
-    """Confusion matrix picture: counts in each cell, colour by row-normalised rate."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -> None:
+    """Confusion matrix, counts (left) and normalised per true class (right)."""
+    plt = _pyplot()
     c = np.asarray(confusion, dtype=np.int64)
     rate = c / np.maximum(c.sum(1, keepdims=True), 1)
     k = len(classes)
-    side = min(2.0 + 0.55 * k, 30)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                if c[i, j]:
-                    ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if rate[i, j] > 0.5 else "black")
-    ax.set_title(title or f"confusion matrix ({c.sum()} images)")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    side = min(2.5 + 0.5 * k, 16)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    for ax, values, fmt, label in ((axes[0], c, "d", "images"), (axes[1], rate, ".2f", "fraction of the true class")):
+        im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(label)
+        if k <= 25:
+            for i in range(k):
+                for j in range(k):
+                    if c[i, j]:
+                        ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7,
+                                color="white" if rate[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=axes, fraction=0.025)
+    fig.suptitle(title or f"confusion matrix ({c.sum()} images)")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
-def write_report(run_dir: Path, classes: list[str], confusion, epoch: int) -> None:
-    """<run>/report/: per_class.csv, per_class.txt and confusion.png for the best epoch."""
-    out = Path(run_dir) / "report"
+def plot_per_class(rows: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
+    names = [r["class"] for r in rows]
+    acc = [100 * (r["accuracy"] or 0) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows) + 2), 4))
+    bars = ax.bar(range(len(rows)), acc, color=["#2a7" if a >= np.mean(acc) else "#d84" for a in acc])
+    ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.axhline(np.mean(acc), color="grey", lw=1, ls="--", label=f"mean {np.mean(acc):.1f}%")
+    if len(rows) <= 30:
+        ax.bar_label(bars, [f"{a:.0f}" for a in acc], fontsize=7)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(records: list[dict], path: Path, title: str) -> None:
+    """Training loss, validation accuracy and learning rate per evaluated epoch."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", ms=3)
+    axes[0].set_title("training loss")
+    axes[1].plot(epochs, [100 * r["val_accuracy"] for r in records], "o-", ms=3, color="#2a7")
+    best = max(records, key=lambda r: r["val_accuracy"])
+    axes[1].annotate(f"best {100 * best['val_accuracy']:.1f}%", (best["epoch"], 100 * best["val_accuracy"]),
+                     textcoords="offset points", xytext=(-60, 8))
+    axes[1].set_title("validation accuracy (%)")
+    axes[2].plot(epochs, [r["lr"] for r in records], "o-", ms=3, color="#888")
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, y=1.04)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def validation_predictions(run_dir: Path, split, data_cfg, device, n: int = 1000):
+    """The best checkpoint on up to n validation images: (pixels (n, H, W, 3), truth, predicted, score)."""
+    import torch
+
+    from toolkit.checkpoint import build_model
+    from toolkit.data import Normalize, sample_images
+
+    model, meta = build_model(run_dir / "best.safetensors")
+    model.to(device)
+    norm = Normalize(meta.mean, meta.std).to(device)
+    idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
+    if split.images is not None:
+        px = split.images[torch.from_numpy(idx)]
+        truth = split.labels[torch.from_numpy(idx)].numpy()
+    else:
+        from toolkit.data import Split
+
+        files = [split.files[i] for i in idx]
+        px = sample_images(Split(split.labels[torch.from_numpy(idx)], files=files), data_cfg, len(files))
+        truth = split.labels[torch.from_numpy(idx)].numpy()[: len(px)]
+    probs = []
+    with torch.no_grad():
+        for chunk in px.split(256):
+            probs.append(model(norm(chunk.to(device))).float().softmax(1).cpu())
+    probs = torch.cat(probs)
+    score, predicted = probs.max(1)
+    return px.permute(0, 2, 3, 1).numpy(), truth, predicted.numpy(), score.numpy()
+
+
+def write_report(run_dir: Path, classes: list[str], confusion, epoch: int, validation=None) -> Path:
+    """<run>/report/: curves, per-class chart and table, confusion matrix, validation grid, report.md."""
+    from toolkit.pictures import validation_grid
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = per_class_rows(confusion, classes)
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["class", "correct", "total", "accuracy"])
@@ -129,5 +209,42 @@ def write_report(run_dir: Path, classes: list[str], confusion, epoch: int) -> No
         w.writerows(rows)
     table = format_table(rows)
     (out / "per_class.txt").write_text(table + "\n")
-    plot_confusion(confusion, classes, out / "confusion.png", f"best epoch {epoch}: validation confusion matrix")
+    name = run_dir.name
+    plot_curves(records, out / "curves.png", f"{name}: training")
+    plot_per_class(rows, out / "per_class.png", f"{name}: validation accuracy per class (best epoch {epoch})")
+    plot_confusion(confusion, classes, out / "confusion.png", f"{name}: validation confusion matrix (best epoch {epoch})")
+    pictures = ["curves.png", "per_class.png", "confusion.png"]
+    if validation is not None:
+        validation_grid(*validation, classes, out / "validation.png")
+        pictures.append("validation.png")
+    (out / "report.md").write_text(_markdown(run_dir, records, rows, epoch, pictures))
     print(table, file=sys.stderr)
+    return out
+
+
+def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, pictures: list[str]) -> str:
+    best = max(records, key=lambda r: r["val_accuracy"])
+    speed = sorted(r["images_per_s"] for r in records)[len(records) // 2]
+    worst = sorted((r for r in rows if r["accuracy"] is not None), key=lambda r: r["accuracy"])[:3]
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    lines = [
+        f"# {run_dir.name}", "",
+        f"- best validation accuracy: **{100 * best['val_accuracy']:.2f}%** at epoch {epoch} "
+        f"({best['val_count']} validation images)",
+        f"- epochs run: {records[-1]['epoch']}; training time {sum(r['epoch_time_s'] for r in records):.1f} s; "
+        f"median {speed:,.0f} training images/s",
+        f"- weakest classes: " + ", ".join(f"{r['class']} {100 * r['accuracy']:.1f}%" for r in worst), "",
+    ]
+    captions = {"curves.png": "Training loss, validation accuracy and learning rate per epoch.",
+                "per_class.png": "Validation accuracy per class at the best epoch.",
+                "confusion.png": "Where the model confuses classes: counts, and fractions of each true class.",
+                "validation.png": "Validation images with the predicted class and score; mistakes first, "
+                                  "with their true class in red."}
+    for p in pictures:
+        lines += [f"## {p.removesuffix('.png').replace('_', ' ')}", "", captions[p], "", f"![{p}]({p})", ""]
+    lines += ["## per-class accuracy", "", "| class | correct | total | accuracy |", "|---|---|---|---|"]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"| {r['class']} | {r['correct']} | {r['total']} | {acc} |")
+    lines += ["", "## config", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)

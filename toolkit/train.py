@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from toolkit import UserError, checkpoint, data, report
 from toolkit.config import Config, save_config
 from toolkit.meta import Meta
 from toolkit.models import create_model
+from toolkit.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: state saved after SIGTERM/SIGUSR1, run again with train.resume=auto
@@ -48,37 +48,6 @@ def resolve_run_dir(cfg: Config) -> Path:
         i += 1
         candidate = base.with_name(f"{cfg.name}-{i}")
     return candidate
-
-
-def lr_at(step: int, total: int, steps_per_epoch: int, cfg: Config) -> float:
-    """Learning rate for optimizer step `step` (a pure function: resume needs no scheduler state)."""
-    o = cfg.optim
-    if o.schedule == "onecycle":  # linear up to lr over 30%, cosine down to lr/1e4
-        up = max(1, int(0.3 * total))
-        if step < up:
-            return o.lr / 25 + (o.lr - o.lr / 25) * step / up
-        t = (step - up) / max(1, total - up)
-        return o.lr / 1e4 + (o.lr - o.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * t))
-    warmup = int(o.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return o.lr * (0.1 + 0.9 * step / warmup)
-    if o.schedule == "constant":
-        return o.lr
-    t = (step - warmup) / max(1, total - warmup)
-    floor = o.lr * o.min_lr_ratio
-    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on biases and normalisation weights (1-d tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
-    if cfg.optim.name == "sgd":  # fused: one kernel for all parameters instead of one per tensor
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                               fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused)
 
 
 @torch.no_grad()
@@ -131,6 +100,9 @@ def _start(cfg: Config):
     run_dir = broadcast_object_list([resolve_run_dir(cfg) if state.is_main_process else None])[0]
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=cfg.train.log_with or None, project_dir=str(run_dir))
+    if cfg.train.log_with and not accelerator.log_with:  # accelerate drops trackers whose package is missing
+        raise UserError(f"train.log_with={cfg.train.log_with}: its package is not installed "
+                        f"(tensorboard: pip install tensorboardX; wandb: pip install wandb; ...)")
     logging.getLogger("toolkit").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     return accelerator, Path(run_dir)
 
@@ -173,7 +145,7 @@ def train(cfg: Config) -> Path:
         model = torch.compile(model)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP or compile wrapper
     if state_path:
-        _restore(accelerator, optimizer, files, progress)
+        checkpoint.restore_resume(accelerator, optimizer, files, progress)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, progress["epoch"] + 1,
                  progress["batch"], progress["step"])
 
@@ -232,7 +204,7 @@ def train(cfg: Config) -> Path:
                     every = cfg.train.checkpoint_every
                     if flags[1] > 0 or (every and progress["step"] % every == 0 and k + 1 < plan.num_batches):
                         progress["epoch_loss"] = accelerator.reduce(loss_sum.clone(), "sum").item()
-                        _save_state(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+                        checkpoint.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
                     if flags[1] > 0:
                         _preempted(accelerator, run_dir, progress)
             bar.close()
@@ -255,7 +227,7 @@ def train(cfg: Config) -> Path:
                 if improved:
                     progress.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1,
                                     best_confusion=confusion.tolist())
-            _save_state(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+            checkpoint.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
             target = cfg.train.stop_at_accuracy
             if target and progress["best_accuracy"] >= target:  # the same verdict on every process
                 log.info("validation accuracy reached train.stop_at_accuracy=%g at epoch %d", target, epoch + 1)
@@ -264,7 +236,8 @@ def train(cfg: Config) -> Path:
                 _preempted(accelerator, run_dir, progress)  # signalled during evaluation: resume at the epoch end
 
     if main:
-        report.write_report(run_dir, ds.classes, progress["best_confusion"], progress["best_epoch"])
+        validation = report.validation_predictions(run_dir, ds.val, cfg.data, device)
+        report.write_report(run_dir, ds.classes, progress["best_confusion"], progress["best_epoch"], validation)
         log.info("best val accuracy %.2f%% at epoch %d; %d non-finite steps skipped",
                  100 * progress["best_accuracy"], progress["best_epoch"], progress["nonfinite_skipped"])
     accelerator.end_training()
@@ -299,43 +272,6 @@ def _preempted(accelerator, run_dir: Path, progress: dict) -> None:
                 progress["step"], PREEMPTED_EXIT)
     accelerator.end_training()
     sys.exit(PREEMPTED_EXIT)
-
-
-def _save_state(accelerator, raw_model, optimizer, progress: dict, run_dir: Path, cfg: Config) -> None:
-    """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
-    from accelerate.utils import gather_object
-
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = gather_object([rng])  # one entry per process, in rank order
-    if not accelerator.is_main_process:
-        return
-    weights = checkpoint.clean_state_dict(raw_model.state_dict())
-    checkpoint.assert_finite(weights, "the resume state")
-    files = {"model.safetensors": weights, "optimizer.pt": optimizer.state_dict(),
-             "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
-    if accelerator.scaler is not None:
-        files["scaler.pt"] = accelerator.scaler.state_dict()
-    trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
-               "config_hash": cfg.hash()}
-    checkpoint.save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
-
-
-def _restore(accelerator, optimizer, files: dict, progress: dict) -> None:
-    optimizer.load_state_dict(files["optimizer.pt"])
-    if accelerator.scaler is not None and "scaler.pt" in files:
-        accelerator.scaler.load_state_dict(files["scaler.pt"])
-    rng = files["rng.pt"].get(str(accelerator.process_index))
-    if rng is not None:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    world, saved = accelerator.num_processes, progress.get("world_size", accelerator.num_processes)
-    if saved != world and progress["batch"]:  # keep the samples seen; count them in this world's batches
-        progress["batch"] = progress["batch"] * saved // world
-        log.warning("resuming %d processes from a %d-process state: the position in the epoch is rounded",
-                    world, saved)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,169 @@
+"""Pictures people look at: grids of images with captions (PIL only, no torch, no matplotlib).
+
+`toolkit preview` shows a labelled folder class by class; `toolkit predict --grid` shows the
+first predictions; the training report shows validation images with predicted vs true labels.
+Small images are enlarged with nearest-neighbour so their pixels stay visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from toolkit import UserError, images
+
+TILE = 96  # pixels per image in a grid
+CAPTION = 30  # pixels of caption under each image (two lines)
+GREEN, RED, GREY, INK = (20, 130, 40), (200, 30, 30), (120, 120, 120), (20, 20, 20)
+
+
+def _font(size: int = 11):
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+def grid(tiles: list[tuple[np.ndarray | None, str, str, tuple]], columns: int, title: str = "",
+         row_labels: list[str] | None = None) -> Image.Image:
+    """tiles: (image (H, W, 3) uint8 or None for a blank, caption line 1, line 2, caption colour).
+
+    Laid out left to right, `columns` per row; `row_labels` (one per row) go in a left margin.
+    """
+    font, title_font = _font(11), _font(14)
+    rows = max(1, -(-len(tiles) // columns))
+    margin = 0
+    if row_labels:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        margin = int(max(probe.textlength(label, font=font) for label in row_labels)) + 12
+    top = 26 if title else 4
+    canvas = Image.new("RGB", (margin + columns * (TILE + 6) + 4, top + rows * (TILE + CAPTION + 6)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((6, 5), title, fill=INK, font=title_font)
+    for r, label in enumerate(row_labels or []):
+        draw.text((6, top + r * (TILE + CAPTION + 6) + TILE // 2 - 6), label, fill=INK, font=font)
+    for i, (img, line1, line2, colour) in enumerate(tiles):
+        x = margin + 4 + (i % columns) * (TILE + 6)
+        y = top + (i // columns) * (TILE + CAPTION + 6)
+        if img is None:
+            draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=(235, 235, 235), outline=GREY)
+        else:
+            pic = Image.fromarray(img)
+            scale = TILE / max(pic.size)  # small images are enlarged with crisp pixels, large ones shrunk
+            size = (max(1, round(pic.size[0] * scale)), max(1, round(pic.size[1] * scale)))
+            pic = pic.resize(size, Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BILINEAR)
+            canvas.paste(pic, (x + (TILE - pic.size[0]) // 2, y + (TILE - pic.size[1]) // 2))
+        draw.text((x, y + TILE + 2), _fit(line1, font, TILE, draw), fill=colour, font=font)
+        draw.text((x, y + TILE + 15), _fit(line2, font, TILE, draw), fill=colour, font=font)
+    return canvas
+
+
+def show(path: Path, max_side: int = 160) -> np.ndarray | None:
+    """An image file for display: EXIF-upright RGB, at most max_side pixels; None if unreadable."""
+    try:
+        img = images.open_rgb(path, draft_size=max_side)
+    except images.DecodeError:
+        return None
+    img.thumbnail((max_side, max_side))
+    return np.asarray(img)
+
+
+def preview(data_dir: str | Path, out: str | Path, per_class: int = 8) -> dict[str, int]:
+    """A grid of `per_class` images of each class of a labelled folder; returns the class counts.
+
+    A folder with train/ (and val/) shows train/ and counts both.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"folder '{root}' does not exist")
+    shown = root / "train" if (root / "train").is_dir() else root
+    classes, paths, labels = images.find_labelled(shown)
+    if not classes:
+        raise UserError(f"'{shown}' has no class subfolders (one folder of images per class)")
+    counts = {c: labels.count(i) for i, c in enumerate(classes)}
+    if (root / "val").is_dir():
+        vclasses, _, vlabels = images.find_labelled(root / "val")
+        counts = {f"{c} (train)": n for c, n in counts.items()}
+        counts.update({f"{c} (val)": vlabels.count(i) for i, c in enumerate(vclasses)})
+    tiles, row_labels = [], []
+    labels = np.asarray(labels)
+    for i, c in enumerate(classes):
+        idx = np.flatnonzero(labels == i)
+        picked = idx[np.linspace(0, len(idx) - 1, min(per_class, len(idx))).astype(int)] if len(idx) else []
+        row = [(show(shown / paths[j]), Path(paths[j]).name, "", GREY) for j in picked]
+        tiles += row + [(None, "", "", GREY)] * (per_class - len(row))
+        row_labels.append(f"{c} ({labels.tolist().count(i)})")
+    title = f"{shown}: {len(paths)} images, {len(classes)} classes"
+    grid(tiles, per_class, title, row_labels).save(out)
+    return counts
+
+
+def predictions_grid(root: Path, rows: list[dict], out: str | Path, columns: int = 8) -> None:
+    """The given prediction rows as a grid: each image with its label and score, or its error."""
+    tiles = []
+    for row in rows:
+        if row["error"]:
+            tiles.append((None, Path(row["path"]).name, row["error"], RED))
+        else:
+            tiles.append((show(root / row["path"]), f"{row['label']} {float(row['score']):.2f}", Path(row["path"]).name,
+                          GREEN))
+    grid(tiles, min(columns, max(1, len(tiles))), f"first {len(rows)} predictions in {root}").save(out)
+
+
+def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray,
+                    classes: list[str], out: str | Path, n: int = 48, columns: int = 8) -> None:
+    """Validation images with predicted vs true labels, mistakes first (the most confident ones first)."""
+    wrong = np.flatnonzero(predicted != truth)
+    right = np.flatnonzero(predicted == truth)
+    order = list(wrong[np.argsort(-scores[wrong])]) + list(right)
+    tiles = []
+    for i in order[:n]:
+        ok = predicted[i] == truth[i]
+        tiles.append((pixels[i], f"{classes[predicted[i]]} {scores[i]:.2f}", "" if ok else f"true: {classes[truth[i]]}",
+                      GREEN if ok else RED))
+    title = f"validation: {len(wrong)} mistakes of {len(truth)} shown first (predicted, score; true class)"
+    grid(tiles, columns, title).save(out)
+
+
+def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=None, std=None) -> str:
+    """The tutorial's "an image is numbers" step: the file, its pixels, and the tensor a model sees."""
+    path = Path(path)
+    mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
+    std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
+    try:
+        with Image.open(path) as raw:
+            fmt, mode, (w, h), frames = raw.format, raw.mode, raw.size, getattr(raw, "n_frames", 1)
+        rgb = np.asarray(images.open_rgb(path))
+        x = images.load(path, size, resize)
+    except images.DecodeError as e:
+        raise UserError(f"'{path}' cannot be read as an image: {e}") from None
+    except (OSError, Image.UnidentifiedImageError):
+        raise UserError(f"'{path}' cannot be read as an image") from None
+    tensor = (x.astype(np.float32) / 255 - mean) / std  # (H, W, 3)
+    tensor = tensor.transpose(2, 0, 1)  # (3, H, W), as the model takes it
+    np.set_printoptions(linewidth=100)
+    lines = [
+        f"file      {path} ({path.stat().st_size:,} bytes)",
+        f"stored    {fmt}, mode {mode}, {w} x {h} pixels" + (f", {frames} frames (the first is used)" if frames > 1 else ""),
+        f"as RGB    array of shape {rgb.shape} (height, width, channels), dtype {rgb.dtype}, values "
+        f"{rgb.min()}..{rgb.max()}",
+        "top-left 4 x 4 pixels of the red channel:",
+        "  " + str(rgb[:4, :4, 0]).replace("\n", "\n  "),
+        f"resized   {resize} to {size} x {size}: shape {x.shape}",
+        f"tensor    (pixels / 255 - mean) / std, channels first: shape {tensor.shape}, dtype {tensor.dtype}",
+        f"          mean {[round(float(v), 3) for v in mean]}, std {[round(float(v), 3) for v in std]}; "
+        f"a batch of N is (N, 3, {size}, {size})",
+        "          channel     mean      std      min      max",
+    ]
+    for name, c in zip("RGB", tensor):
+        lines.append(f"          {name}       {c.mean():8.3f} {c.std():8.3f} {c.min():8.3f} {c.max():8.3f}")
+    return "\n".join(lines)
