@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml
 
 # train -> export -> predict -> evaluate on the built-in shapes data (generated on first use)
 demo: $(STAMP)
-	@set -e; \
-	run=$$($(BIN)/toolkit train configs/quickstart.yaml); \
-	$(BIN)/toolkit export $$run -o exported/quickstart.onnx; \
-	$(BIN)/toolkit predict exported/quickstart.onnx data/shapes/val -o $$run/predictions.csv --topk 3; \
-	$(BIN)/toolkit evaluate exported/quickstart.onnx data/shapes/val; \
-	echo "run: $$run  model: exported/quickstart.onnx  predictions: $$run/predictions.csv"
+	@set -e; t0=$$(date +%s); \
+	run=$$($(BIN)/toolkit train configs/quickstart.yaml); t1=$$(date +%s); \
+	$(BIN)/toolkit export $$run -o exported/quickstart.onnx; t2=$$(date +%s); \
+	$(BIN)/toolkit predict exported/quickstart.onnx data/shapes/val -o $$run/predictions.csv --topk 3 \
+		--grid $$run/predictions.png; t3=$$(date +%s); \
+	$(BIN)/toolkit evaluate exported/quickstart.onnx data/shapes/val; t4=$$(date +%s); \
+	echo "run: $$run (report: $$run/report/report.md)  model: exported/quickstart.onnx  predictions: $$run/predictions.csv"; \
+	echo "seconds: train (with data generation) $$((t1-t0)), export $$((t2-t1)), predict $$((t3-t2)), evaluate $$((t4-t3))"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
