@@ -107,3 +107,18 @@ def test_no_unsafe_deserialisation_in_the_package():
             if name == "torch.load":
                 kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 assert kw.get("weights_only") == "True", f"{path.name}: torch.load without weights_only=True"
+
+
+def test_read_meta_without_loading_weights(tiny_run, tmp_path):
+    from toolkit.export import export
+    from toolkit.meta import read_meta
+
+    _, full = checkpoint.load_weights(tiny_run / "best.safetensors")
+    assert read_meta(tiny_run) == full  # the run directory -> best.safetensors header
+    onnx_meta = read_meta(export(tiny_run, tmp_path / "m.onnx"))
+    assert onnx_meta.class_names == full.class_names and onnx_meta.normalize_in_graph
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05" * 20)
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        read_meta(tmp_path / "junk.safetensors")
+    with pytest.raises(UserError, match="no model at"):
+        read_meta(tmp_path / "nothing")

@@ -25,6 +25,10 @@ def test_mixed_precision_on_gpu(precision, shapes_dir, tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
     _, files = load_state(list_states(tmp_path / precision / "state")[-1])
     assert ("scaler.pt" in files) == (precision == "fp16")  # the loss scaler is part of the resume state
+    from toolkit.export import export
+
+    out = export(tmp_path / precision, tmp_path / f"{precision}.onnx")  # mixed-precision runs export as fp32
+    assert json.loads(out.with_suffix(".json").read_text())["parity_vs_torch"]["top1_agreement"] == 1.0
 
 
 def test_fp16_resume_restores_the_loss_scaler(shapes_dir, tmp_path):

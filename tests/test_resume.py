@@ -41,7 +41,7 @@ def launch(args, procs: int, fault: dict | None = None, timeout: float = 240):
 def train_args(data, out, name, *extra):
     return ["train", str(ROOT / "configs/quickstart.yaml"), f"data.root={data}", f"train.out_dir={out}",
             f"name={name}", "data.batch_size=8", "train.grad_accum=2", "train.epochs=3",
-            "train.checkpoint_every=3", "train.progress=false", *extra]
+            "train.checkpoint_every=3", "train.progress=false", "data.cache=memory", *extra]  # the cached path
 
 
 def ok(proc):

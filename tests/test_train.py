@@ -155,6 +155,10 @@ def test_bf16_mixed_precision_on_cpu(shapes_dir, tmp_path):
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
     assert 0 < diff < 1.0  # bf16 arithmetic really ran (different rounding), and still trained sanely
     del os
+    from toolkit.export import export
+
+    out = export(tmp_path / "bf16", tmp_path / "bf16.onnx")  # a bf16-trained run exports as clean fp32
+    assert json.loads(out.with_suffix(".json").read_text())["parity_vs_torch"]["top1_agreement"] == 1.0
 
 
 @pytest.mark.slow
