@@ -90,8 +90,10 @@ def read_meta(path) -> Meta:
         try:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))  # safetensors: 8-byte header length, then JSON
-                props = json.loads(f.read(n)).get("__metadata__", {}) if n < 100_000_000 else {}
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+                if n > 100_000_000:
+                    raise ValueError("header too long")
+                props = json.loads(f.read(n)).get("__metadata__") or {}
+        except (struct.error, ValueError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"'{path}' is not a readable safetensors file") from None
     if META_KEY not in props:
         raise UserError(f"'{path}' has no toolkit metadata")

@@ -152,9 +152,8 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     axes[0].set_title("training loss")
     axes[1].plot(epochs, [100 * r["val_accuracy"] for r in records], "o-", ms=3, color="#2a7")
     best = max(records, key=lambda r: r["val_accuracy"])
-    axes[1].annotate(f"best {100 * best['val_accuracy']:.1f}%", (best["epoch"], 100 * best["val_accuracy"]),
-                     textcoords="offset points", xytext=(-60, 8))
-    axes[1].set_title("validation accuracy (%)")
+    axes[1].plot([best["epoch"]], [100 * best["val_accuracy"]], "*", ms=12, color="#d84")
+    axes[1].set_title(f"validation accuracy (%): best {100 * best['val_accuracy']:.1f} at epoch {best['epoch']}")
     axes[2].plot(epochs, [r["lr"] for r in records], "o-", ms=3, color="#888")
     axes[2].set_title("learning rate (end of epoch)")
     for ax in axes:
