@@ -64,7 +64,7 @@ def test_weights_with_nan_are_never_saved(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     meta = Meta("tutorial_net", ["a", "b"], 32, "squash", [0.5] * 3, [0.5] * 3)
-    with pytest.raises(FloatingPointError, match="weight"):
+    with pytest.raises(checkpoint.NonFiniteWeights, match="weight.*NaN or Inf"):
         checkpoint.save_weights(model, meta, tmp_path / "w.safetensors")
     assert not list(tmp_path.iterdir())
 
@@ -122,3 +122,55 @@ def test_read_meta_without_loading_weights(tiny_run, tmp_path):
         read_meta(tmp_path / "junk.safetensors")
     with pytest.raises(UserError, match="no model at"):
         read_meta(tmp_path / "nothing")
+
+
+# --- resume edge cases --------------------------------------------------------------------
+
+
+def test_resume_path_continues_that_run_and_a_finished_run_resumes_cleanly(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "r" / "quickstart"
+    shutil.copytree(tiny_run, run)
+    with open(run / "metrics.jsonl", "a") as f:  # killed after logging an epoch, before saving its state
+        f.write(json.dumps({"epoch": 99, "val_accuracy": 0.0}) + "\n")
+    before = (run / "best.safetensors").read_bytes()
+    cfg = load_config(run / "config.yaml", [f"train.resume={run}", f"train.out_dir={tmp_path / 'elsewhere'}"])
+    assert train(cfg) == run  # the same folder, not a new one
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # nothing ran again; the record of the lost epoch is gone
+    assert (run / "best.safetensors").read_bytes() == before and (run / "report" / "report.md").is_file()
+
+
+def test_resume_with_another_model_is_one_line(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "quickstart"
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(run / "config.yaml", ["train.resume=auto", f"train.out_dir={tmp_path}", "model.arch=resnet_small",
+                                            "train.epochs=4"])
+    with pytest.raises(UserError, match="is for model tutorial_net_bn with 10 classes; this run has resnet_small"):
+        train(cfg)
+
+
+def test_resume_position_follows_a_new_batch_layout():
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    files = {"optimizer.pt": opt.state_dict(), "rng.pt": {}}
+    cfg = load_config(None, ["data.batch_size=8", "train.grad_accum=2"])
+    progress = {"batch": 6, "world_size": 1, "batch_size": 8}
+    checkpoint.restore_resume(SimpleNamespace(num_processes=2, process_index=0, scaler=None), opt, files, progress, cfg)
+    assert progress["batch"] == 2  # 48 samples seen = 3 batches of 2 x 8, rounded down to whole optimizer steps
+
+
+def test_speedrun_net_resumes(tmp_path):
+    from conftest import two_colours
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    args = ["data.kind=imagefolder", f"data.root={data}", "data.image_size=16", "data.batch_size=4",
+            "model.arch=speedrun_net", f"train.out_dir={tmp_path}", "name=s", "train.progress=false"]
+    train(load_config(None, args + ["train.epochs=1"]))
+    run = train(load_config(None, args + ["train.epochs=2", "train.resume=auto"]))
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

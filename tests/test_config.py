@@ -83,3 +83,18 @@ def test_every_repository_config_loads():
     assert configs
     for path in configs:
         load_config(path)  # unknown keys or bad values would raise
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.label_smoothing=1.5", "'train.label_smoothing' must be at least 0 and below 1"),
+    ("optim.betas=0.9,0.99,0.5", "'optim.betas' needs two values"),
+    ("optim.momentum=-1", "'optim.momentum' must be 0 or more"),
+    ("data.crop_padding=-2", "'data.crop_padding' must be 0 or more"),
+    ("train.checkpoint_every=-1", "'train.checkpoint_every' must be 0 or more"),
+    ("data.memory_limit_gb=0", "'data.memory_limit_gb' must be positive"),
+    ("data.num_workers=-3", "'data.num_workers' must be -1"),
+    ("train.stop_at_accuracy=2", "'train.stop_at_accuracy' must be at least 0"),
+])
+def test_out_of_range_values_are_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])

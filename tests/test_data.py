@@ -184,3 +184,34 @@ def test_stream_source_matches_memory_source(tmp_path):
     got = list(src(idx))
     for (x, y), i in zip(got, idx):
         assert torch.equal(x, mem.train.images[i]) and torch.equal(y, mem.train.labels[i])
+
+
+def test_sampled_streamed_images_keep_their_labels(tmp_path):
+    root = tmp_path / "d"
+    for cls, value in (("a", 10), ("b", 200)):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (value, value, value)).save(root / cls / f"{i}.png")
+    (root / "a" / "0.png").write_bytes(b"broken")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8", "data.cache=stream",
+                             "data.val_fraction=0.25"])
+    split = data.Split(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), files=[str(p) for p in sorted(root.rglob("*.png"))])
+    px, labels = data.sample_images(split, cfg.data, range(8))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 1]  # the broken file left with its own label
+    assert [int(x[0, 0, 0]) for x in px] == [10, 10, 10, 200, 200, 200, 200]
+
+
+def test_the_streaming_source_leaves_the_global_rng_alone(tmp_path):
+    root = tmp_path / "d"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(root / cls / f"{i}.png")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8", "data.cache=stream",
+                             "data.val_fraction=0.34"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    src = data.BatchSource(ds.train, cfg.data, torch.device("cpu"), workers=0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    list(src([torch.arange(len(ds.train))]))
+    assert torch.equal(torch.get_rng_state(), state)  # dropout after a resume draws what it would have drawn

@@ -216,3 +216,21 @@ def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(
     assert theirs["confusion"] == ours["confusion"]
     with pytest.raises(UserError, match="names 3 classes but the model has 10 outputs"):
         OnnxClassifier(bare, fallback={**fallback, "classes": ["a", "b", "c"]})
+
+
+def test_a_foreign_model_with_another_layout_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    from toolkit.runtime import OnnxClassifier
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [32 * 32 * 3, 3], np.zeros(32 * 32 * 3 * 3, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])], "nhwc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32, 32, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nhwc.onnx"))
+    fallback = {"classes": ["a", "b", "c"], "size": None, "mean": None, "std": None, "resize": "center_crop"}
+    with pytest.raises(UserError, match=r"input has shape \['n', 32, 32, 3\]; predict feeds \(batch, 3, height"):
+        OnnxClassifier(tmp_path / "nhwc.onnx", fallback=fallback)

@@ -140,3 +140,40 @@ def test_decode_batches_keeps_order_and_reports_each_file(tmp_path):
             assert [int(px[0, 0, 0]) for px in b.pixels] == good  # each decoded image is its own file's
             assert {b.paths[i] for i in b.errors} == {p for p, ok in zip(b.paths, b.ok) if not ok}
             assert all(r == "not an image" for r in b.errors.values())
+
+
+def test_a_thin_image_does_not_blow_up_memory(tmp_path):
+    import resource
+    import time
+
+    Image.new("L", (1, 3_000_000), 200).save(tmp_path / "thin.png")  # a few KB on disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    out = images.load(tmp_path / "thin.png", 32)
+    assert out.shape == (32, 32, 3) and (out == 200).all()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, grown_mb  # resizing the whole strip first would take about 9 GB
+    assert time.perf_counter() - start < 10
+
+
+def test_dark_16_bit_images_stay_dark(tmp_path):
+    dark = Image.fromarray(np.full((8, 8), 256, dtype=np.uint16))  # 256 of 65535: nearly black
+    assert dark.mode.startswith("I;16")
+    dark.save(tmp_path / "dark16.png")
+    assert images.load(tmp_path / "dark16.png", 8).max() <= 1
+
+
+def test_very_deep_folders_are_walked(tmp_path):
+    levels = 1100  # past Python's recursion limit
+    deep = tmp_path
+    for _ in range(levels):  # os.makedirs itself recurses
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(b"x")
+    (tmp_path / "top.png").write_bytes(b"x")
+    found = images.find_images(tmp_path)
+    assert found == ["top.png", "/".join(["d"] * levels) + "/x.png"]
+    (deep / "x.png").unlink()
+    for _ in range(levels):  # and so does rmtree: leave nothing deep behind
+        deep.rmdir()
+        deep = deep.parent

@@ -66,3 +66,16 @@ def test_speedrun_stem_whitens_patches():
     cov = flat @ flat.T / flat.shape[1]
     torch.testing.assert_close(cov, torch.eye(12), atol=0.05, rtol=0)
     assert model(x[:2]).shape == (2, 10)
+
+
+def test_a_model_without_docstring_is_listed():
+    from toolkit import models
+
+    @models.register_model
+    def bare_model(num_classes, image_size=32):
+        return torch.nn.Linear(3, num_classes)
+
+    try:
+        assert list_models()["bare_model"] == ""
+    finally:
+        del models._REGISTRY["bare_model"]

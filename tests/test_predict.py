@@ -301,3 +301,118 @@ def test_bad_model_and_folder_are_one_line_errors(onnx_file, tmp_path):
     proc = run_toolkit("predict", tmp_path / "fake.onnx", tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "Traceback" not in proc.stderr
+
+
+# --- edge cases found in review ------------------------------------------------------------
+
+
+def test_output_into_a_new_folder_and_undecodable_file_names(onnx_file, shapes_dir, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "odd"
+    root.mkdir()
+    src = next((shapes_dir / "val" / "star").iterdir())
+    names = [b"bad\xff\xfe.png", b"comma, \"quote\".png", "caf\u00e9.png".encode()]
+    for name in names:
+        shutil.copy(src, os.path.join(os.fsencode(root), name))
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        out = tmp_path / "new" / "deeper" / f"p{suffix}"
+        summary = predict(onnx_file, root, out)
+        assert summary["ok"] == 3 and out.exists()
+    rows = _rows(tmp_path / "new" / "deeper" / "p.csv")
+    assert sorted(os.fsencode(r["path"]) for r in rows) == sorted(names)  # the exact bytes come back
+    table = pq.read_table(tmp_path / "new" / "deeper" / "p.parquet").to_pylist()
+    assert "bad\\xff\\xfe.png" in {r["path"] for r in table}
+    cut = tmp_path / "new" / "deeper" / "p.csv"
+    cut.write_bytes(cut.read_bytes()[:-10])  # as if killed while writing the last row
+    record = cut.with_name("p.csv.run.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "complete": False}))
+    predict(onnx_file, root, cut, resume=True)
+    assert [r["path"] for r in _rows(cut)] == [r["path"] for r in rows]
+
+
+def test_resume_refuses_other_settings(onnx_file, shapes_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    predict(onnx_file, shapes_dir / "val", out)
+    cut = out.read_bytes()
+    out.write_bytes(cut[: len(cut) // 2])
+    record = json.loads((tmp_path / "p.csv.run.json").read_text())
+    (tmp_path / "p.csv.run.json").write_text(json.dumps({**record, "complete": False}))
+    with pytest.raises(UserError, match="another input folder"):
+        predict(onnx_file, shapes_dir / "train", out, resume=True)
+    with pytest.raises(UserError, match="another --topk"):
+        predict(onnx_file, shapes_dir / "val", out, resume=True, topk=3)
+    assert len(_rows(out)) < 100  # nothing was touched
+    (tmp_path / "p.csv.run.json").write_text("{torn")
+    with pytest.raises(UserError, match="is damaged"):
+        predict(onnx_file, shapes_dir / "val", out, resume=True)
+
+
+def test_overwrite_keeps_the_old_output_when_the_new_run_cannot_start(onnx_file, shapes_dir, tmp_path):
+    out = tmp_path / "p.csv"
+    predict(onnx_file, shapes_dir / "val", out)
+    with pytest.raises(UserError, match="does not exist"):
+        predict(tmp_path / "typo.onnx", shapes_dir / "val", out, overwrite=True)
+    with pytest.raises(UserError, match="needs a .png"):
+        predict(onnx_file, shapes_dir / "val", out, overwrite=True, grid=tmp_path / "g.jpg")
+    assert len(_rows(out)) == 100
+
+
+def test_stale_parts_of_another_run_are_never_merged(onnx_file, shapes_dir, tmp_path, monkeypatch):
+    """Process 0 merges only parts that carry this run's id and the expected number of rows."""
+    import threading
+
+    out = tmp_path / "p.csv"
+    stale = tmp_path / "p.csv.part-1-of-2.csv"
+    stale.write_text("path,label,score,error\nstar/x.png,STALE,1.0,\n")
+    (tmp_path / "p.csv.part-1-of-2.csv.done").write_text(json.dumps({"run_id": "old", "rows": 1}))
+
+    def rank1():  # the other process, started after process 0 is already waiting
+        time.sleep(1.5)
+        env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+        subprocess.run([sys.executable, "-m", "toolkit", "predict", str(onnx_file), str(shapes_dir / "val"),
+                        "-o", str(out), "--overwrite"], env={**os.environ, **env}, check=True, capture_output=True)
+
+    other = threading.Thread(target=rank1)
+    other.start()
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    summary = predict(onnx_file, shapes_dir / "val", out, overwrite=True)
+    other.join()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    single = tmp_path / "single.csv"
+    predict(onnx_file, shapes_dir / "val", single)
+    assert summary["ok"] == 100 and "STALE" not in out.read_text()
+    assert out.read_bytes() == single.read_bytes()
+
+
+def test_decode_workers_die_with_their_parent(onnx_file, shapes_dir, tmp_path):
+    root = _many(shapes_dir, tmp_path / "in", 30)
+    cmd = [sys.executable, "-m", "toolkit", "predict", str(onnx_file), str(root), "-o", str(tmp_path / "p.csv"),
+           "--workers", "2", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children, deadline = [], time.monotonic() + 30
+    while len(children) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            break
+    assert len(children) >= 2, "the decode workers did not start"
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    alive = [c for c in children if Path(f"/proc/{c}").exists() and "Z" not in
+             Path(f"/proc/{c}/stat").read_text().split()[2]]
+    assert not alive, f"orphaned workers: {alive}"
+
+
+def test_bad_launcher_environment_and_class_file(onnx_file, shapes_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="RANK=2 is not below WORLD_SIZE=1"):
+        predict(onnx_file, shapes_dir / "val", tmp_path / "p.csv")
+    monkeypatch.delenv("RANK")
+    proc = run_toolkit("predict", onnx_file, shapes_dir / "val", "-o", tmp_path / "q.csv", "--classes", "@nope.txt",
+                       check=False)
+    assert proc.returncode == 2 and "--classes file 'nope.txt' cannot be read" in proc.stderr

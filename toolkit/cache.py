@@ -25,7 +25,7 @@ from toolkit.config import DataConfig
 from toolkit.report import progress_bar
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the decoding definition in images.py changes
+CACHE_VERSION = 2  # bump when the decoding definition in images.py changes
 CHUNK = 256  # files per batch sent to a decode worker
 
 
@@ -73,7 +73,7 @@ def decode_cached(files: list[str], cfg: DataConfig, workers: int | None = None)
     entry = cache_root(cfg) / key
     if (entry / "done").exists():
         log.info("decoded images from cache %s (%d files)", entry, len(files))
-        return np.load(entry / "images.npy"), np.load(entry / "ok.npy")
+        return np.load(entry / "images.npy", mmap_mode="r"), np.load(entry / "ok.npy")
     start = time.perf_counter()
     x, ok = decode(files, cfg, workers)
     log.info("decoded %d images in %.1f s; caching in %s", len(files), time.perf_counter() - start, entry)

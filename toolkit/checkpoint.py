@@ -33,10 +33,20 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class NonFiniteWeights(UserError):
+    pass
+
+
 def assert_finite(state: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"refusing to save {what}: {', '.join(bad[:3])} hold NaN or Inf")
+        raise NonFiniteWeights(f"refusing to save {what}: {', '.join(bad[:3])} hold NaN or Inf; lower optim.lr or "
+                               "set train.clip_grad_norm")
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise NonFiniteWeights if any weight or buffer is NaN or Inf (call it on every process)."""
+    assert_finite({k: v.detach() for k, v in model.state_dict().items()}, "the weights")
 
 
 def _atomic_save_file(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -196,6 +206,7 @@ def save_resume(accelerator, raw_model, optimizer, progress: dict, run_dir: Path
     """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
     from accelerate.utils import gather_object
 
+    check_finite(raw_model)  # on every process, before any collective: all stop together
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -209,13 +220,16 @@ def save_resume(accelerator, raw_model, optimizer, progress: dict, run_dir: Path
     if accelerator.scaler is not None:
         files["scaler.pt"] = accelerator.scaler.state_dict()
     trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
-               "config_hash": cfg.hash()}
+               "grad_accum": cfg.train.grad_accum, "config_hash": cfg.hash()}
     save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
 
 
-def restore_resume(accelerator, optimizer, files: dict, progress: dict) -> None:
-    """Load a state's optimizer, loss scaler and this process's RNG; adapt the position to the world size."""
-    optimizer.load_state_dict(files["optimizer.pt"])
+def restore_resume(accelerator, optimizer, files: dict, progress: dict, cfg) -> None:
+    """Load a state's optimizer, loss scaler and this process's RNG; adapt the position to the batch layout."""
+    try:
+        optimizer.load_state_dict(files["optimizer.pt"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the resume state's optimizer does not fit this run ({e}); start a new run instead") from None
     if accelerator.scaler is not None and "scaler.pt" in files:
         accelerator.scaler.load_state_dict(files["scaler.pt"])
     rng = files["rng.pt"].get(str(accelerator.process_index))
@@ -223,8 +237,10 @@ def restore_resume(accelerator, optimizer, files: dict, progress: dict) -> None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    world, saved = accelerator.num_processes, progress.get("world_size", accelerator.num_processes)
-    if saved != world and progress["batch"]:  # keep the samples seen; count them in this world's batches
-        progress["batch"] = progress["batch"] * saved // world
-        log.warning("resuming %d processes from a %d-process state: the position in the epoch is rounded",
-                    world, saved)
+    world, batch, accum = accelerator.num_processes, cfg.data.batch_size, cfg.train.grad_accum
+    saved = (progress.get("world_size", world), progress.get("batch_size", batch))
+    if saved != (world, batch) and progress["batch"]:  # the samples seen, counted in this run's batches
+        samples = progress["batch"] * saved[0] * saved[1]
+        progress["batch"] = samples // (world * batch) // accum * accum  # an optimizer step never straddles
+        log.warning("resuming with %d processes x batch %d from a state of %d x %d: the position in the epoch "
+                    "is rounded down to batch %d", world, batch, saved[0], saved[1], progress["batch"])

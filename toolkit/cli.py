@@ -69,7 +69,10 @@ def _fallback(args) -> dict:
     if classes and classes.startswith("@"):  # @file: one class name per line
         from pathlib import Path
 
-        classes = ",".join(line.strip() for line in Path(classes[1:]).read_text().splitlines() if line.strip())
+        try:
+            classes = ",".join(line.strip() for line in Path(classes[1:]).read_text().splitlines() if line.strip())
+        except OSError as e:
+            raise UserError(f"--classes file '{classes[1:]}' cannot be read ({e.strerror or e})") from None
     return {"classes": classes.split(",") if classes else None, "size": args.size,
             "mean": floats(args.mean, "--mean"), "std": floats(args.std, "--std"), "resize": args.resize}
 

@@ -101,8 +101,10 @@ class Config:
     def hash(self) -> str:
         """Hash of everything that decides what is trained (not where it is written)."""
         d = self.to_dict()
-        for key in ("out_dir", "resume", "progress", "log_with"):
+        for key in ("out_dir", "resume", "progress", "log_with", "checkpoint_every", "keep_states"):
             d["train"].pop(key)
+        for key in ("cache", "cache_dir", "memory_limit_gb", "num_workers", "download"):
+            d["data"].pop(key)  # where and how data is read, not what is trained
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -223,6 +225,28 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key '{key}' must be positive; got {value}")
+    at_least_zero = {
+        "data.crop_padding": cfg.data.crop_padding, "optim.momentum": cfg.optim.momentum,
+        "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "train.clip_grad_norm": cfg.train.clip_grad_norm, "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.stop_at_accuracy": cfg.train.stop_at_accuracy,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise UserError(f"config key '{key}' must be 0 or more; got {value}")
+    for key, value in (("data.memory_limit_gb", cfg.data.memory_limit_gb), ("data.max_image_pixels",
+                       cfg.data.max_image_pixels), ("train.max_nonfinite", cfg.train.max_nonfinite)):
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be positive; got {value}")
+    for key, value, top in (("train.label_smoothing", cfg.train.label_smoothing, 1.0),
+                            ("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 1.0001),
+                            ("train.stop_at_accuracy", cfg.train.stop_at_accuracy, 1.0001)):
+        if not 0.0 <= value < top:
+            raise UserError(f"config key '{key}' must be at least 0 and below {min(top, 1.0):g}; got {value}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise UserError(f"config key 'optim.betas' needs two values in [0, 1), e.g. 0.9,0.999; got {cfg.optim.betas}")
+    if cfg.data.num_workers < -1:
+        raise UserError(f"config key 'data.num_workers' must be -1 (one per core) or more; got {cfg.data.num_workers}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"config key 'data.val_fraction' must be between 0 and 1; got {cfg.data.val_fraction}")
     for key in ("data.mean", "data.std"):

@@ -134,29 +134,35 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Data
         return Dataset(classes, Split(torch.from_numpy(tl), files=tf), Split(torch.from_numpy(vl), files=vf), val_dir)
     from toolkit.cache import decode_cached
 
+    if workers is None and cfg.num_workers >= 0:
+        workers = max(1, cfg.num_workers)  # 0: decode in this process
     splits = []
     for files, labels in ((tf, tl), (vf, vl)):
         x, ok = decode_cached(files, cfg, workers)
         if not ok.all():
             bad = [f for f, good in zip(files, ok) if not good]
             log.warning("skipping %d unreadable images, e.g. %s", len(bad), ", ".join(bad[:3]))
-        splits.append(Split(torch.from_numpy(labels[ok]), torch.from_numpy(x[ok])))
+        x = np.array(x) if ok.all() else x[ok]  # one in-memory copy (the cache is memory-mapped)
+        splits.append(Split(torch.from_numpy(labels[ok]), torch.from_numpy(x)))
     return Dataset(classes, splits[0], splits[1], val_dir)
 
 
-def sample_images(split: Split, cfg: DataConfig, n: int) -> torch.Tensor:
-    """The first `n` readable images of a split as (n, 3, H, W) uint8 (decoded if it is streamed)."""
+def sample_images(split: Split, cfg: DataConfig, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `indices` of a split as (k, 3, H, W) uint8, decoding them if the split is streamed,
+    and their labels; unreadable files are left out, image and label together."""
+    indices = torch.as_tensor(indices, dtype=torch.int64)
     if split.images is not None:
-        return split.images[:n]
-    out = []
-    for f in split.files:
+        return split.images[indices], split.labels[indices]
+    out, kept = [], []
+    for i in indices.tolist():
         try:
-            out.append(torch.from_numpy(images.load(f, cfg.image_size, cfg.resize, cfg.max_image_pixels)))
+            out.append(torch.from_numpy(images.load(split.files[i], cfg.image_size, cfg.resize, cfg.max_image_pixels)))
+            kept.append(i)
         except images.DecodeError:
             continue
-        if len(out) == n:
-            break
-    return torch.stack(out).permute(0, 3, 1, 2)
+    if not out:
+        raise UserError("none of the sampled images could be read")
+    return torch.stack(out).permute(0, 3, 1, 2), split.labels[torch.tensor(kept)]
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -301,11 +307,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class BatchSource:
     """Index batches -> (x uint8 (B, 3, H, W), y int64 (B,)) on `device`, from memory or files."""
 
-    def __init__(self, split: Split, cfg: DataConfig, device: torch.device, workers: int):
+    def __init__(self, split: Split, cfg: DataConfig, device: torch.device, workers: int, keep_host: bool = True):
         self.split, self.device = split, device
         self.labels = split.labels.to(device)
         if split.images is not None:
             self.images = split.images.to(device)  # once: the whole split lives on the device
+            if not keep_host and self.images.device != split.images.device:
+                split.images = None  # release the host copy (this process would otherwise hold both)
             self.loader = None
         else:
             self.sampler = _IndexBatches()
@@ -313,6 +321,7 @@ class BatchSource:
                 FileImages(split.files, split.labels, cfg), batch_sampler=self.sampler,
                 num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                generator=torch.Generator(),  # its own: never draw from the global RNG (exact resume)
             )
 
     def __call__(self, batches: list[torch.Tensor], aug: tuple | None = None):

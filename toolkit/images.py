@@ -8,6 +8,7 @@ the exported graph. numpy and PIL only: predict imports this without torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections import deque
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("center_crop", "squash")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
@@ -34,30 +36,33 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def iter_images(root: str | Path, _rel: str = "") -> Iterator[str]:
+def iter_images(root: str | Path) -> Iterator[str]:
     """Image-looking paths under `root`, relative to it, lazily, in a deterministic order.
 
     Depth first: a folder's image files in name order, then its subfolders in name order, so
-    memory does not grow with the number of files. Names starting with '.' are skipped.
-    Symlinks to files are listed (a dangling one fails at decode); symlinked folders are not
-    followed. A folder named like an image is listed too (it fails at decode: "is a folder"),
-    and its contents are walked like any folder's.
+    memory does not grow with the number of files (an explicit stack: any depth works). Names
+    starting with '.' are skipped. Symlinks to files are listed (a dangling one fails at
+    decode); symlinked folders are not followed. A folder named like an image is listed too (it
+    fails at decode: "is a folder"), and its contents are walked like any folder's.
     """
-    folder = Path(root) / _rel if _rel else Path(root)
-    try:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(folder))
-    except OSError:
-        return  # an unreadable subfolder has nothing we can list
-    subdirs = []
-    for name, is_dir in entries:
-        if name.startswith("."):
+    stack = [""]  # relative folders still to walk, the next one last
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel))
+        except OSError as e:
+            log.warning("cannot list folder '%s' (%s): images inside it get no rows", Path(root) / rel,
+                        e.strerror or e)
             continue
-        if is_image_name(name):
-            yield f"{_rel}/{name}" if _rel else name
-        if is_dir:
-            subdirs.append(name)
-    for name in subdirs:
-        yield from iter_images(root, f"{_rel}/{name}" if _rel else name)
+        subdirs = []
+        for name, is_dir in entries:
+            if name.startswith("."):
+                continue
+            if is_image_name(name):
+                yield f"{rel}/{name}" if rel else name
+            if is_dir:
+                subdirs.append(f"{rel}/{name}" if rel else name)
+        stack.extend(reversed(subdirs))
 
 
 def find_images(root: str | Path) -> list[str]:
@@ -81,9 +86,11 @@ def find_labelled(root: str | Path) -> tuple[list[str], list[str], list[int]]:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: alpha over white, 16-bit grey scaled down, CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode != "F" and a.max(initial=0) > 255:  # 16-bit range
+        # 16-bit grey is scaled by its bit depth, never by its content (a dark image stays dark);
+        # 32-bit integer and float images carry no depth, so only their range can tell
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -153,11 +160,10 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarr
     if (w, h) != (size, size):
         if policy == "squash":
             img = img.resize((size, size), Image.Resampling.BILINEAR)
-        elif policy == "center_crop":
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+        elif policy == "center_crop":  # resample only the centre square: no huge intermediate for thin images
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
         else:
             raise ValueError(f"unknown resize policy '{policy}'; use one of {', '.join(RESIZE_POLICIES)}")
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
@@ -189,8 +195,27 @@ def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels
             ok[i] = True
         except DecodeError as e:
             errors[i] = str(e)
+        except MemoryError:
+            errors[i] = "out of memory while decoding"
     pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return Batch(paths, pixels, ok, errors)
+
+
+def _worker_start(initializer, initargs: tuple) -> None:
+    """In each worker: exit when the parent dies (even by SIGKILL), leave Ctrl-C to the parent."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if initializer is not None:
+        initializer(*initargs)
 
 
 class Decoder:
@@ -213,7 +238,7 @@ class Decoder:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=self.initializer, initargs=self.initargs)
+                                            initializer=_worker_start, initargs=(self.initializer, self.initargs))
             self.pool.submit(int).result()  # with fork, every worker starts on the first task: now
         return self
 

@@ -24,7 +24,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models() -> dict[str, str]:
     """Registered names -> first line of their docstring."""
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in sorted(_REGISTRY.items())}
+    return {name: (fn.__doc__ or "").strip().partition("\n")[0] for name, fn in sorted(_REGISTRY.items())}
 
 
 def create_model(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
@@ -179,6 +179,7 @@ class SpeedrunNet(nn.Module):
         super().__init__()
         self.patch = patch
         self.stem = nn.Conv2d(3, 2 * 3 * patch * patch, patch, bias=True)  # 24 channels: +/- 12 directions
+        self.stem.weight.requires_grad_(False)  # a fixed filter bank (set by init_from_data); its bias learns
         groups, c = [], self.stem.out_channels
         for w in widths:
             groups.append(SpeedrunGroup(c, w))
@@ -208,4 +209,6 @@ class SpeedrunNet(nn.Module):
 @register_model
 def speedrun_net(num_classes: int, image_size: int = 32) -> nn.Module:
     """CIFAR-10 speed-run CNN (airbench94 design, 2.0M parameters): the fast GPU recipe."""
+    if image_size < 16:  # a 2x2 stem and three 2x2 pools must leave at least one pixel
+        raise UserError(f"speedrun_net needs data.image_size >= 16; got {image_size}")
     return SpeedrunNet(num_classes)

@@ -15,14 +15,12 @@ import itertools
 import json
 import logging
 import os
-import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from toolkit import UserError, images, outputs
-from toolkit.runtime import OnnxClassifier
+from toolkit.runtime import OnnxClassifier, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +73,6 @@ def _answer(paths: list[str], root: str, model: str, fallback: dict | None, topk
     return _rows(clf, batch, topk)
 
 
-class Tally:
-    """Counts per predicted class and per error reason (the summary), from rows."""
-
-    def __init__(self):
-        self.labels, self.errors = Counter(), Counter()
-
-    def add(self, row: dict) -> None:
-        if row["error"]:
-            self.errors[row["error"].split(" (")[0]] += 1
-        else:
-            self.labels[row["label"]] += 1
-
-    def summary(self, output: Path) -> dict:
-        return {"ok": sum(self.labels.values()), "failed": sum(self.errors.values()), "output": str(output),
-                "per_class": dict(sorted(self.labels.items())), "errors": dict(self.errors.most_common())}
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,8 +84,15 @@ def _sha256(path: Path) -> str:
 def _process() -> tuple[int, int, int, int]:
     """(rank, world size, local rank, processes on this machine) from the launcher's environment."""
     env = os.environ
-    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+    try:
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is not below WORLD_SIZE={world}; launch with accelerate launch or torchrun")
+    return rank, world, local_rank, max(1, local_world)
 
 
 def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv", batch_size: int = 128,
@@ -118,51 +106,82 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     root, out = Path(input_dir), Path(output)
     if not root.is_dir():
         raise UserError(f"input folder '{root}' does not exist")
-    if batch_size < 1 or topk < 1:
-        raise UserError("--batch-size and --topk must be at least 1")
+    if batch_size < 1 or topk < 1 or max_pixels < 1:
+        raise UserError("--batch-size, --topk and --max-pixels must be at least 1")
+    if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1):
+        raise UserError(f"--grid needs a .png file and --grid-count at least 1; got '{grid}', {grid_count}")
     fmt = outputs.format_of(out)
     rank, world, local_rank, local_world = _process()
+    validate_model(model, device)  # before anything already written is touched
+    if fallback and not fallback.get("classes"):
+        fallback = None  # nothing stated: the same run as no fallback at all
+    run = {"model": str(model), "model_sha256": _sha256(Path(model)), "input_dir": str(root.resolve()),
+           "topk": topk, "world_size": world, "max_pixels": max_pixels, "fallback": fallback, "format": fmt}
+    run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
     sidecar = out.with_name(out.name + ".run.json")
     final_rows = outputs.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
-    target = final_rows if world == 1 else out.with_name(
-        f"{out.name}.part-{rank}-of-{world}" + (".jsonl" if fmt != "csv" else ".csv"))
-    if resume and sidecar.is_file() and json.loads(sidecar.read_text()).get("complete"):
-        _check_same_model(sidecar, model, world)
-        log.info("%s is already complete", out)
-        return json.loads(sidecar.read_text())["summary"]
-    _prepare(out, sidecar, target, rank, world, resume, overwrite, model)
+    target = final_rows if world == 1 else outputs.part_path(out, fmt, rank, world)
+    try:
+        record = outputs.read_record(sidecar)
+        if resume and record and record.get("complete"):
+            outputs.check_same_run(record, run)
+            log.info("%s is already complete", out)
+            return record["summary"]
+        outputs.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tally = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers, threads,
+                              device, batch_size, max_pixels, fallback, sidecar if rank == 0 and not record else None)
+        if world > 1:
+            outputs.write_json(outputs.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
+            if rank != 0:
+                return tally.summary(target)
+            tally = outputs.merge(out, final_rows, fmt, world, run, root)
+        if grid:
+            from toolkit.pictures import predictions_grid
 
+            predictions_grid(root, list(itertools.islice(outputs.read_rows(final_rows), grid_count)), grid)
+        if fmt == "parquet":
+            outputs.to_parquet(final_rows, out)
+        summary = tally.summary(out)
+        outputs.write_json(sidecar, {**run, "complete": True, "summary": summary})
+    except OSError as e:  # the output side: a folder that cannot be written, a full disk
+        raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
+    return summary
+
+
+def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
+                  resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
+                  new_record: Path | None) -> outputs.Tally:
+    """This process's share of the files, answered into `target` (continuing it when resuming)."""
+    from toolkit.report import progress_bar
+
+    model = run["model"]
     cores = max(1, (os.cpu_count() or 1) // local_world)
-    load = (_load_session, (str(model), fallback)) if device == "cpu" else (None, ())
+    load = (_load_session, (model, fallback)) if device == "cpu" else (None, ())
     with images.Decoder(workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
         clf = OnnxClassifier(model, threads, fallback, device, local_rank)
-        topk = min(topk, clf.meta.num_classes)
-        if rank == 0 and not (resume and sidecar.is_file()):
-            sidecar.write_text(json.dumps({"model": str(model), "model_sha256": _sha256(Path(model)),
-                                           "input_dir": str(root.resolve()), "topk": topk, "world_size": world,
-                                           "complete": False}))
+        topk = min(run["topk"], clf.meta.num_classes)
+        if new_record:
+            outputs.write_json(new_record, {**run, "complete": False})
         files = itertools.islice(images.iter_images(root), rank, None, world)  # this process's share, lazily
         writer = outputs.RowWriter(target, topk, resume)
-        tally, done = Tally(), 0
+        tally = outputs.Tally()
         for row in writer.existing_rows():  # resume: the rows must be the first files of the same walk
             expected = next(files, None)
             if row["path"] != expected:
-                raise UserError(f"'{target}' row {done + 1} answers '{row['path']}' but the folder now lists "
+                raise UserError(f"'{target}' row {tally.rows + 1} answers '{row['path']}' but the folder now lists "
                                 f"'{expected}' there: the input changed since the interrupted run; use a new output")
             tally.add(row)
-            done += 1
-        if done:
-            log.info("resuming %s after %d rows", target, done)
+        if tally.rows:
+            log.info("resuming %s after %d rows", target, tally.rows)
         writer.open()
-        from toolkit.report import progress_bar
-
-        todo = sum(1 for _ in itertools.islice(images.iter_images(root), rank, None, world)) - done  # a quick walk
+        todo = sum(1 for _ in itertools.islice(images.iter_images(root), rank, None, world)) - tally.rows
         bar = progress_bar(todo, f"predicting {todo} files" + (f" (process 1 of {world})" if world > 1 else ""),
                            enabled=rank == 0)
         try:
             if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
-                _SESSIONS[str(model)] = clf  # used when there are no worker processes
-                answers = decoder.map(_answer, images.chunked(files, batch_size), str(root), str(model), fallback,
+                _SESSIONS[model] = clf  # used when there are no worker processes
+                answers = decoder.map(_answer, images.chunked(files, batch_size), str(root), model, fallback,
                                       topk, max_pixels)
             else:  # one GPU session here; the workers only decode
                 answers = (_rows(clf, b, topk) for b in decoder.batches(root, files, clf.meta.image_size,
@@ -176,64 +195,6 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             bar.close()
             writer.close()
             _SESSIONS.clear()
-    if world > 1:
-        target.with_name(target.name + ".done").write_text(json.dumps(tally.summary(target)))
-        if rank != 0:
-            return tally.summary(target)
-        tally = _merge(out, final_rows, target, world, topk)
-    if grid:
-        from toolkit.pictures import predictions_grid
-
-        predictions_grid(root, list(itertools.islice(outputs.read_rows(final_rows), grid_count)), grid)
-    if fmt == "parquet":
-        outputs.to_parquet(final_rows, out)
-    summary = tally.summary(out)
-    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "complete": True, "summary": summary}))
-    return summary
-
-
-def _check_same_model(sidecar: Path, model, world: int) -> None:
-    previous = json.loads(sidecar.read_text())
-    if previous.get("model_sha256") != _sha256(Path(model)):
-        raise UserError(f"the output was written with another model ({previous.get('model')}); refusing to resume "
-                        f"with '{model}': predictions of two models would be mixed")
-    if previous.get("world_size") != world:
-        raise UserError(f"the output was written by {previous.get('world_size')} processes; resume it with the "
-                        f"same number (now {world})")
-
-
-def _prepare(out: Path, sidecar: Path, target: Path, rank: int, world: int, resume: bool, overwrite: bool,
-             model) -> None:
-    """Check what an earlier run left behind: resume it, replace it (--overwrite), or refuse. Never lose rows."""
-    mine = dict.fromkeys([target] + ([out, sidecar, outputs.staging_path(out)] if rank == 0 else []))  # its own files
-    earlier = [p for p in mine if p.exists()]
-    if overwrite:
-        for p in earlier:
-            p.unlink()
-    elif resume and sidecar.is_file():
-        _check_same_model(sidecar, model, world)
-    elif resume and earlier:
-        raise UserError(f"'{earlier[0]}' has no run record ({sidecar.name}), so it cannot be checked against this "
-                        "model; use --overwrite or a new output")
-    elif earlier:
-        raise UserError(f"'{earlier[0]}' already exists; pass --resume to continue it or --overwrite to replace it")
-    target.with_name(target.name + ".done").unlink(missing_ok=True)
-
-
-def _merge(out: Path, final_rows: Path, target: Path, world: int, topk: int) -> Tally:
-    """Main process: wait for every part, interleave them into `final_rows`, remove the parts."""
-    parts = [target.with_name(target.name.replace("part-0-of", f"part-{r}-of")) for r in range(world)]
-    markers = [p.with_name(p.name + ".done") for p in parts]
-    waited = 0.0
-    while not all(m.exists() for m in markers):  # the launcher stops the job if another process fails
-        time.sleep(0.2)
-        waited += 0.2
-        if waited > 60 and waited % 60 < 0.2:
-            log.info("waiting for %d of %d processes to finish their parts", sum(not m.exists() for m in markers),
-                     world)
-    tally = Tally()
-    for row in outputs.merge_parts(parts, final_rows, topk):
-        tally.add(row)
-    for p in parts + markers:
-        p.unlink()
     return tally
+
+

@@ -175,15 +175,8 @@ def validation_predictions(run_dir: Path, split, data_cfg, device, n: int = 1000
     model.to(device)
     norm = Normalize(meta.mean, meta.std).to(device)
     idx = np.linspace(0, len(split) - 1, min(n, len(split))).astype(int)
-    if split.images is not None:
-        px = split.images[torch.from_numpy(idx)]
-        truth = split.labels[torch.from_numpy(idx)].numpy()
-    else:
-        from toolkit.data import Split
-
-        files = [split.files[i] for i in idx]
-        px = sample_images(Split(split.labels[torch.from_numpy(idx)], files=files), data_cfg, len(files))
-        truth = split.labels[torch.from_numpy(idx)].numpy()[: len(px)]
+    px, truth = sample_images(split, data_cfg, idx)  # unreadable files drop out with their labels
+    truth = truth.numpy()
     probs = []
     with torch.no_grad():
         for chunk in px.split(256):

@@ -40,12 +40,31 @@ def check_external_data(path: Path) -> None:
                 raise UserError(f"'{path}' keeps weights in '{location}', outside its folder; refusing to load it")
 
 
+def validate_model(path: str | Path, device: str = "cpu") -> None:
+    """Cheap checks before anything is started or overwritten: the file, its external data, the device."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file '{path}' does not exist")
+    try:
+        check_external_data(path)
+    except UserError:
+        raise
+    except Exception as e:  # onnx's own decode errors
+        raise UserError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+    providers(device)
+
+
 def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std, resize: str) -> Meta:
     """A Meta for an ONNX classifier exported elsewhere, from what the user states and the graph shows."""
     if not classes:
         raise UserError("this model has no toolkit metadata; pass --classes (and --size, --mean, --std if "
                         "normalisation is not inside the graph)")
     shape = session.get_inputs()[0].shape  # e.g. ['batch', 3, 224, 224]
+    kind = session.get_inputs()[0].type
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise UserError(f"the model's input has shape {shape}; predict feeds (batch, 3, height, width) RGB images")
+    if kind not in ("tensor(float)", "tensor(uint8)"):
+        raise UserError(f"the model's input is {kind}; predict feeds float32 or uint8 pixels")
     size = size or (shape[-1] if isinstance(shape[-1], int) else None)
     if not size:
         raise UserError("this model's input size is not fixed; pass --size")

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def resolve_run_dir(cfg: Config) -> Path:
     base = Path(cfg.train.out_dir) / cfg.name
     if cfg.train.resume == "auto":
         return base
+    if cfg.train.resume:  # continue the run the given state belongs to
+        path = Path(cfg.train.resume)
+        if (path / checkpoint.DONE).is_file():
+            return path.parent.parent  # <run>/state/step-N
+        return path.parent if path.name == "state" else path
     candidate, i = base, 1
     while candidate.exists() and any(candidate.iterdir()):
         i += 1
@@ -75,7 +81,9 @@ class StopSignals:
 
     def __enter__(self):
         self.requested = False
-        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def _handler(self, signum, frame):
@@ -133,25 +141,35 @@ def train(cfg: Config) -> Path:
                 "best_confusion": None, "nonfinite_skipped": 0, "nonfinite_run": 0, "epoch_loss": 0.0}
     state_path = checkpoint.find_state(cfg.train.resume, run_dir)
     if hasattr(model, "init_from_data") and not state_path:  # data-dependent init, e.g. a whitening stem
-        model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(data.sample_images(ds.train, cfg.data, 5000)))
+        sample, _ = data.sample_images(ds.train, cfg.data, range(min(5000, len(ds.train))))
+        model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(sample))
     if state_path:
         progress, files = checkpoint.load_state(state_path)
-        model.load_state_dict(files["model.safetensors"])
+        saved = (progress.get("arch", cfg.model.arch), progress.get("num_classes", num_classes))
+        if saved != (cfg.model.arch, num_classes):
+            raise UserError(f"resume state '{state_path}' is for model {saved[0]} with {saved[1]} classes; this run "
+                            f"has {cfg.model.arch} with {num_classes}: start a new run instead")
+        try:
+            model.load_state_dict(files["model.safetensors"])
+        except RuntimeError as e:
+            raise UserError(f"resume state '{state_path}' does not fit the model: {str(e).splitlines()[0]}") from None
         if progress.get("config_hash") != cfg.hash():
             log.warning("resuming %s with a config that differs from the one it was saved with", state_path)
+    progress.update(arch=cfg.model.arch, num_classes=num_classes)  # saved with every state
+    model.to(device)  # before the optimizer is built, so it sees the device (fused kernels)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.compile:
         model = torch.compile(model)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP or compile wrapper
     if state_path:
-        checkpoint.restore_resume(accelerator, optimizer, files, progress)
+        checkpoint.restore_resume(accelerator, optimizer, files, progress, cfg)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, progress["epoch"] + 1,
                  progress["batch"], progress["step"])
 
     normalize = data.Normalize(cfg.data.mean, cfg.data.std).to(device)
     workers = _loader_workers(cfg) if ds.train.files is not None else 0
-    train_src = data.BatchSource(ds.train, cfg.data, device, workers)
+    train_src = data.BatchSource(ds.train, cfg.data, device, workers, keep_host=False)
     val_src = data.BatchSource(ds.val, cfg.data, device, workers)
     val_shards = data.eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)  # ignores label -100
@@ -160,6 +178,8 @@ def train(cfg: Config) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        if state_path:  # epochs logged after the state was saved are run again: drop their records
+            _keep_records(run_dir / "metrics.jsonl", progress["epoch"])
         save_config(cfg, run_dir / "config.yaml")
         log.info("run %s: %d train / %d val images, %d classes, model %s, %d process(es) on %s, precision %s",
                  run_dir, len(ds.train), len(ds.val), num_classes, cfg.model.arch, world, device.type,
@@ -218,6 +238,7 @@ def train(cfg: Config) -> Path:
                 record = report.metrics_record(confusion, ds.classes, epoch + 1, progress["step"], loss_mean,
                                                optimizer.param_groups[0]["lr"], elapsed, seen * world)
                 improved = record["val_accuracy"] > progress["best_accuracy"]
+                checkpoint.check_finite(raw_model)  # every process: they hold the same weights, so all stop together
                 if main:
                     _log_epoch(record, run_dir, cfg, accelerator)
                     meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class")}
@@ -235,7 +256,7 @@ def train(cfg: Config) -> Path:
             if accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum") > 0:
                 _preempted(accelerator, run_dir, progress)  # signalled during evaluation: resume at the epoch end
 
-    if main:
+    if main and (run_dir / "best.safetensors").is_file():
         validation = report.validation_predictions(run_dir, ds.val, cfg.data, device)
         report.write_report(run_dir, ds.classes, progress["best_confusion"], progress["best_epoch"], validation)
         log.info("best val accuracy %.2f%% at epoch %d; %d non-finite steps skipped",
@@ -272,6 +293,12 @@ def _preempted(accelerator, run_dir: Path, progress: dict) -> None:
                 progress["step"], PREEMPTED_EXIT)
     accelerator.end_training()
     sys.exit(PREEMPTED_EXIT)
+
+
+def _keep_records(path: Path, epochs: int) -> None:
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epochs))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
