@@ -387,9 +387,9 @@ def test_stale_parts_of_another_run_are_never_merged(onnx_file, shapes_dir, tmp_
 
 
 def test_decode_workers_die_with_their_parent(onnx_file, shapes_dir, tmp_path):
-    root = _many(shapes_dir, tmp_path / "in", 30)
+    root = _many(shapes_dir, tmp_path / "in", 50)  # 5,000 files one at a time: seconds of work
     cmd = [sys.executable, "-m", "toolkit", "predict", str(onnx_file), str(root), "-o", str(tmp_path / "p.csv"),
-           "--workers", "2", "--batch-size", "4"]
+           "--workers", "2", "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children, deadline = [], time.monotonic() + 30
     while len(children) < 2 and time.monotonic() < deadline:
