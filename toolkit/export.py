@@ -65,9 +65,11 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
         else:
             labels = np.array([meta.class_names.index(classes[i]) for i in labels])
         picked = _spread(len(rel), MAX_EVAL_IMAGES)
-        px, ok = _decode([root / rel[i] for i in picked], meta)
+        batch = images.decode_chunk([rel[i] for i in picked], str(root), meta.image_size, meta.resize,
+                                     images.MAX_PIXELS)
+        px = batch.pixels
         if len(px):
-            return CheckData(px, labels[picked][ok] if labels is not None else None,
+            return CheckData(px, labels[picked][batch.ok] if labels is not None else None,
                              px[_spread(len(px), CALIBRATION_IMAGES)], str(root))
     config = weights_path(checkpoint).parent / "config.yaml"
     if config.is_file():
@@ -80,32 +82,13 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
         except UserError as e:
             log.warning("the run's data is not available for the export check (%s)", e)
         else:
-            val, val_y = _take(ds.val, _spread(len(ds.val), MAX_EVAL_IMAGES), meta)
-            train, _ = _take(ds.train, _spread(len(ds.train), CALIBRATION_IMAGES), meta)
-            return CheckData(val, val_y, train, f"{cfg.data.kind} data at {cfg.data.root}")
+            val, val_y = data.sample_images(ds.val, cfg.data, _spread(len(ds.val), MAX_EVAL_IMAGES))
+            train, _ = data.sample_images(ds.train, cfg.data, _spread(len(ds.train), CALIBRATION_IMAGES))
+            return CheckData(val.permute(0, 2, 3, 1).numpy(), val_y.numpy(), train.permute(0, 2, 3, 1).numpy(),
+                             f"{cfg.data.kind} data at {cfg.data.root}")
     log.warning("no validation images found for the export check; using random pixels (pass --data DIR)")
     px = np.random.default_rng(0).integers(0, 256, (64, meta.image_size, meta.image_size, 3), dtype=np.uint8)
     return CheckData(px, None, px, "random pixels")
-
-
-def _decode(paths, meta: Meta) -> tuple[np.ndarray, np.ndarray]:
-    out, ok = [], []
-    for p in paths:
-        try:
-            out.append(images.load(p, meta.image_size, meta.resize))
-            ok.append(True)
-        except images.DecodeError:
-            ok.append(False)
-    empty = np.zeros((0, meta.image_size, meta.image_size, 3), np.uint8)
-    return (np.stack(out) if out else empty), np.array(ok, dtype=bool)
-
-
-def _take(split, idx: np.ndarray, meta: Meta) -> tuple[np.ndarray, np.ndarray]:
-    labels = split.labels.numpy()[idx]
-    if split.images is not None:
-        return split.images[torch.from_numpy(idx)].permute(0, 2, 3, 1).numpy(), labels
-    px, ok = _decode([split.files[i] for i in idx], meta)
-    return px, labels[ok]
 
 
 def exportable(model: nn.Module, meta: Meta, input_dtype: str = "float32") -> nn.Module:

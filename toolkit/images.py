@@ -22,6 +22,7 @@ from PIL import Image, ImageFile, ImageOps
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("center_crop", "squash")
+MAX_PIXELS = 89_478_485  # default decompression-bomb cap (PIL's own default)
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
