@@ -261,7 +261,7 @@ def train(cfg: Config) -> Path:
         report.write_report(run_dir, ds.classes, progress["best_confusion"], progress["best_epoch"], validation)
         log.info("best val accuracy %.2f%% at epoch %d; %d non-finite steps skipped",
                  100 * progress["best_accuracy"], progress["best_epoch"], progress["nonfinite_skipped"])
-    accelerator.end_training()
+    _finish(accelerator)
     return run_dir
 
 
@@ -291,8 +291,17 @@ def _preempted(accelerator, run_dir: Path, progress: dict) -> None:
         (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": progress["step"], "time": time.time()}))
     log.warning("stop requested: state saved at step %d; exiting with %d (resume with train.resume=auto)",
                 progress["step"], PREEMPTED_EXIT)
-    accelerator.end_training()
+    _finish(accelerator)
     sys.exit(PREEMPTED_EXIT)
+
+
+def _finish(accelerator) -> None:
+    """Every process waits for the others, then closes the trackers and the process group: a process
+    that leaves with a live gloo group can abort at exit ("terminate called without an active exception")."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _keep_records(path: Path, epochs: int) -> None:
