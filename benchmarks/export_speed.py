@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit import shapes, variants
-from toolkit.checkpoint import build_model, save_weights
-from toolkit.export import export, exportable
-from toolkit.meta import Meta
-from toolkit.models import create_model, list_models
+from toolkit.core.meta import Meta
+from toolkit.export import export, exportable, variants
+from toolkit.train.datasets import shapes
+from toolkit.train.models import create_model, list_models
+from toolkit.train.weights import build_model, save_weights
 
 
 def timed(fn, budget_s: float) -> float:

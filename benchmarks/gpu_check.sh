@@ -19,7 +19,7 @@ start=$(date +%s)
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
 
 DATA=(data.root=data/cifar10)
-if ! timeout 90 $PY -c "from toolkit.cifar import load_cifar10; load_cifar10('data/cifar10', download=True)" 2>/dev/null; then
+if ! timeout 90 $PY -c "from toolkit.train.datasets.cifar import load_cifar10; load_cifar10('data/cifar10', download=True)" 2>/dev/null; then
     echo "CIFAR-10 not available: using CIFAR-shaped data (shapes, 32x32, 50,000 + 10,000 images)"
     [ -d "$OUT/shapes" ] || $PY -m toolkit data shapes "$OUT/shapes" --train-per-class 5000 --val-per-class 1000
     DATA=(data.kind=imagefolder "data.root=$OUT/shapes")

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toolkit import images, shapes
-from toolkit.checkpoint import build_model, save_weights
+from toolkit.core import images
+from toolkit.core.meta import Meta
 from toolkit.export import export
-from toolkit.meta import Meta
-from toolkit.models import create_model
 from toolkit.predict import predict
+from toolkit.train.datasets import shapes
+from toolkit.train.models import create_model
+from toolkit.train.weights import build_model, save_weights
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

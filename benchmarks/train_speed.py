@@ -61,8 +61,8 @@ def compute_only_here(arch: str, batch: int, seconds: float = 4.0) -> float:
     import torch
 
     from toolkit.config import load_config
-    from toolkit.models import create_model
-    from toolkit.optim import build_optimizer
+    from toolkit.train.models import create_model
+    from toolkit.train.optim import build_optimizer
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", [f"model.arch={arch}", f"data.batch_size={batch}"])
     model = create_model(arch, 10, 32).train()

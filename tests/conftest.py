@@ -30,7 +30,7 @@ def run_toolkit(*args, check: bool = True, env: dict | None = None, timeout: flo
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """20 train + 10 val images per class of the built-in data."""
-    from toolkit import shapes
+    from toolkit.train.datasets import shapes
 
     out = tmp_path_factory.mktemp("data") / "shapes"
     shapes.generate(out, train_per_class=20, val_per_class=10, seed=0, workers=1)

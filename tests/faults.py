@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-import toolkit.train as train_module
+import toolkit.train.loop as train_module
 from toolkit.cli import main
 
 KIND, STEP, RANK = os.environ["FAULT"], int(os.environ["FAULT_STEP"]), int(os.environ.get("FAULT_RANK", "0"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit import cache
 from toolkit.config import load_config
+from toolkit.train import cache
 
 
 @pytest.fixture

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit import UserError, checkpoint
+from toolkit import UserError
 from toolkit.config import load_config
-from toolkit.meta import Meta
-from toolkit.train import train
+from toolkit.core.meta import Meta
+from toolkit.train import state, train, weights
 
 
 def _state(tmp, step, keep=3):
-    return checkpoint.save_state(tmp / "state", step, {"model.safetensors": {"w": torch.ones(2) * step},
+    return state.save_state(tmp / "state", step, {"model.safetensors": {"w": torch.ones(2) * step},
                                                        "optimizer.pt": {"state": {0: {"m": torch.zeros(2)}}}},
                                  {"step": step}, keep)
 
@@ -20,8 +20,8 @@ def _state(tmp, step, keep=3):
 def test_states_are_complete_and_only_the_newest_k_are_kept(tmp_path):
     for step in (3, 6, 9, 12):
         _state(tmp_path, step, keep=2)
-    assert [p.name for p in checkpoint.list_states(tmp_path / "state")] == ["step-000000009", "step-000000012"]
-    trainer, files = checkpoint.load_state(tmp_path / "state" / "step-000000012")
+    assert [p.name for p in state.list_states(tmp_path / "state")] == ["step-000000009", "step-000000012"]
+    trainer, files = state.load_state(tmp_path / "state" / "step-000000012")
     assert trainer["step"] == 12 and torch.equal(files["model.safetensors"]["w"], torch.full((2,), 12.0))
 
 
@@ -31,13 +31,13 @@ def test_a_half_written_state_is_never_picked(tmp_path):
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
     (tmp_path / "state" / ".tmp-step-000000011-123").mkdir()  # crashed before the rename
-    assert checkpoint.find_state("auto", tmp_path).name == "step-000000005"
-    assert checkpoint.find_state(str(tmp_path), tmp_path).name == "step-000000005"  # a run dir
-    assert checkpoint.find_state("", tmp_path) is None
+    assert state.find_state("auto", tmp_path).name == "step-000000005"
+    assert state.find_state(str(tmp_path), tmp_path).name == "step-000000005"  # a run dir
+    assert state.find_state("", tmp_path) is None
     with pytest.raises(UserError, match="does not exist"):
-        checkpoint.find_state(str(tmp_path / "nope"), tmp_path)
+        state.find_state(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(UserError, match="not a complete resume state"):
-        checkpoint.load_state(half)
+        state.load_state(half)
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "done.json"])
@@ -45,18 +45,18 @@ def test_a_corrupted_state_file_is_named(tmp_path, victim):
     path = _state(tmp_path, 7)
     (path / victim).write_bytes(b"\x00garbage" * 10)
     with pytest.raises(UserError, match=f"'{path / victim}' is damaged"):
-        checkpoint.load_state(path)
+        state.load_state(path)
 
 
 def test_corrupted_or_foreign_weights_are_named(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(os.urandom(100))
     with pytest.raises(UserError, match="w.safetensors' is not a readable safetensors file"):
-        checkpoint.load_weights(tmp_path / "w.safetensors")
+        weights.load_weights(tmp_path / "w.safetensors")
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(UserError, match="has no toolkit metadata"):
-        checkpoint.load_weights(tmp_path / "plain.safetensors")
+        weights.load_weights(tmp_path / "plain.safetensors")
 
 
 def test_weights_with_nan_are_never_saved(tmp_path):
@@ -64,15 +64,15 @@ def test_weights_with_nan_are_never_saved(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     meta = Meta("tutorial_net", ["a", "b"], 32, "squash", [0.5] * 3, [0.5] * 3)
-    with pytest.raises(checkpoint.NonFiniteWeights, match="weight.*NaN or Inf"):
-        checkpoint.save_weights(model, meta, tmp_path / "w.safetensors")
+    with pytest.raises(weights.NonFiniteWeights, match="weight.*NaN or Inf"):
+        weights.save_weights(model, meta, tmp_path / "w.safetensors")
     assert not list(tmp_path.iterdir())
 
 
 def test_wrapper_prefixes_are_stripped():
     state = {"module.a": torch.ones(1), "_orig_mod.b": torch.ones(1), "module._orig_mod.c": torch.ones(1),
              "x._orig_mod.y": torch.ones(1)}
-    assert sorted(checkpoint.clean_state_dict(state)) == ["a", "b", "c", "x.y"]
+    assert sorted(weights.clean_state_dict(state)) == ["a", "b", "c", "x.y"]
 
 
 def test_unknown_meta_schema_is_a_clear_error(tmp_path):
@@ -87,8 +87,8 @@ def test_resume_from_a_damaged_state_names_the_file(tiny_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    state = checkpoint.list_states(run / "state")[-1]
-    (state / "optimizer.pt").write_bytes(b"not a torch file")
+    newest = state.list_states(run / "state")[-1]
+    (newest / "optimizer.pt").write_bytes(b"not a torch file")
     cfg = load_config(run / "config.yaml", [f"train.resume={run}", f"train.out_dir={tmp_path}", "name=other"])
     with pytest.raises(UserError, match="optimizer.pt' is damaged"):
         train(cfg)
@@ -110,10 +110,10 @@ def test_no_unsafe_deserialisation_in_the_package():
 
 
 def test_read_meta_without_loading_weights(tiny_run, tmp_path):
+    from toolkit.core.meta import read_meta
     from toolkit.export import export
-    from toolkit.meta import read_meta
 
-    _, full = checkpoint.load_weights(tiny_run / "best.safetensors")
+    _, full = weights.load_weights(tiny_run / "best.safetensors")
     assert read_meta(tiny_run) == full  # the run directory -> best.safetensors header
     onnx_meta = read_meta(export(tiny_run, tmp_path / "m.onnx"))
     assert onnx_meta.class_names == full.class_names and onnx_meta.normalize_in_graph
@@ -161,7 +161,7 @@ def test_resume_position_follows_a_new_batch_layout():
     files = {"optimizer.pt": opt.state_dict(), "rng.pt": {}}
     cfg = load_config(None, ["data.batch_size=8", "train.grad_accum=2"])
     progress = {"batch": 6, "world_size": 1, "batch_size": 8}
-    checkpoint.restore_resume(SimpleNamespace(num_processes=2, process_index=0, scaler=None), opt, files, progress, cfg)
+    state.restore_resume(SimpleNamespace(num_processes=2, process_index=0, scaler=None), opt, files, progress, cfg)
     assert progress["batch"] == 2  # 48 samples seen = 3 batches of 2 x 8, rounded down to whole optimizer steps
 
 

@@ -1,4 +1,5 @@
 import pytest
+
 from toolkit import UserError
 from toolkit.config import Config, load_config, parse_overrides, save_config
 

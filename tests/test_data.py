@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit import UserError, data
+from toolkit import UserError
 from toolkit.config import load_config
+from toolkit.train import data
 
 
 def _folder(root, counts: dict[str, int], size=(12, 10)):

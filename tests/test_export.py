@@ -7,10 +7,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from toolkit import UserError, export, images
-from toolkit.checkpoint import build_model
-from toolkit.data import Normalize
-from toolkit.meta import META_KEY, Meta
+from toolkit import UserError
+from toolkit.core import images
+from toolkit.core.meta import META_KEY, Meta
+from toolkit.export import onnx as export
+from toolkit.train.data import Normalize
+from toolkit.train.weights import build_model
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 # --- every registered model x (fp32, fp16, int8) ----------------------------------------------
 
-from toolkit.models import list_models  # noqa: E402
+from toolkit.train.models import list_models  # noqa: E402
 
 VARIANTS = ("fp32", "fp16", "int8")
 
@@ -170,7 +172,7 @@ def test_independent_runtime_opencv_gives_the_same_top1(onnx_file, shapes_dir):
 # --- robustness of the files predict loads --------------------------------------------------
 
 def test_external_data_outside_the_model_folder_is_refused(onnx_file, tmp_path):
-    from toolkit.runtime import OnnxClassifier
+    from toolkit.predict.runtime import OnnxClassifier
 
     model = onnx.load(str(onnx_file))
     init = model.graph.initializer[0]
@@ -186,7 +188,7 @@ def test_external_data_outside_the_model_folder_is_refused(onnx_file, tmp_path):
 
 
 def test_unknown_meta_schema_in_an_onnx_file(onnx_file, tmp_path):
-    from toolkit.runtime import OnnxClassifier
+    from toolkit.predict.runtime import OnnxClassifier
 
     model = onnx.load(str(onnx_file))
     meta = json.loads(model.metadata_props[0].value)
@@ -201,7 +203,7 @@ def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(
                                                                                tmp_path):
     """No toolkit metadata, normalisation outside the graph: predict applies what the user passes."""
     from toolkit.evaluate import evaluate_folder
-    from toolkit.runtime import OnnxClassifier
+    from toolkit.predict.runtime import OnnxClassifier
 
     net, meta = build_model(tiny_run)
     bare = tmp_path / "bare.onnx"
@@ -221,7 +223,7 @@ def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(
 def test_a_foreign_model_with_another_layout_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
-    from toolkit.runtime import OnnxClassifier
+    from toolkit.predict.runtime import OnnxClassifier
 
     weight = helper.make_tensor("w", TensorProto.FLOAT, [32 * 32 * 3, 3], np.zeros(32 * 32 * 3 * 3, np.float32))
     graph = helper.make_graph(

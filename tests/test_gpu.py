@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_toolkit
-from toolkit.checkpoint import list_states, load_state, load_weights
+from toolkit.train.state import list_states, load_state
+from toolkit.train.weights import load_weights
 
 pytestmark = pytest.mark.gpu
 

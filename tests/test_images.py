@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit import images
+from toolkit.core import images
 
 
 def _save(img, path, **kw):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from toolkit import UserError
-from toolkit.models import create_model, list_models
+from toolkit.train.models import create_model, list_models
 
 ALL = sorted(list_models())
 
@@ -69,7 +69,7 @@ def test_speedrun_stem_whitens_patches():
 
 
 def test_a_model_without_docstring_is_listed():
-    from toolkit import models
+    from toolkit.train import models
 
     @models.register_model
     def bare_model(num_classes, image_size=32):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_toolkit
-from toolkit import images, pictures
+from toolkit.core import images, pictures
 
 
 def _png(path):

@@ -1,4 +1,3 @@
-import csv
 import hashlib
 import json
 import os
@@ -16,11 +15,12 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_toolkit
-from toolkit import UserError, images, outputs
+from toolkit import UserError
+from toolkit.core import images
 from toolkit.evaluate import evaluate_folder
 from toolkit.export import export
-from toolkit.predict import predict
-from toolkit.runtime import OnnxClassifier
+from toolkit.predict import predict, table
+from toolkit.predict.runtime import OnnxClassifier
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def onnx_file(tiny_run, tmp_path_factory):
 
 
 def _rows(path):
-    return list(outputs.read_rows(Path(path)))
+    return list(table.read_rows(Path(path)))
 
 
 def _bomb_png(path: Path, side: int = 100_000):
@@ -161,7 +161,7 @@ def test_an_existing_output_is_never_overwritten_silently(onnx_file, shapes_dir,
 def test_a_torn_last_record_is_cut_on_resume(suffix, tmp_path):
     path = tmp_path / f"p{suffix}"
     rows = [{"path": f"a/{i},x\n.png", "label": "cat", "score": 0.5, "error": ""} for i in range(5)]
-    w = outputs.RowWriter(path, 1, resume=False)
+    w = table.RowWriter(path, 1, resume=False)
     w.open()
     w.write(rows[:3])
     size = path.stat().st_size
@@ -171,7 +171,7 @@ def test_a_torn_last_record_is_cut_on_resume(suffix, tmp_path):
     w.close()
     with open(path, "r+b") as f:  # SIGKILL during the last write: row 3 is whole, row 4 is cut short
         f.truncate(size + one_row + 7)
-    again = outputs.RowWriter(path, 1, resume=True)
+    again = table.RowWriter(path, 1, resume=True)
     assert [r["path"] for r in again.existing_rows()] == [r["path"] for r in rows[:4]]
     again.open()
     again.write(rows[4:])

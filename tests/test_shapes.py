@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-from toolkit import shapes
+from toolkit.train.datasets import shapes
 
 
 def _digest(folder):

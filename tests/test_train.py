@@ -1,16 +1,15 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from toolkit.checkpoint import load_weights
 from toolkit.config import load_config
 from toolkit.evaluate import evaluate_folder
-from toolkit.optim import lr_at
 from toolkit.train import resolve_run_dir, train
+from toolkit.train.optim import lr_at
+from toolkit.train.weights import load_weights
 
 
 def _records(run):
@@ -114,7 +113,7 @@ def test_gradient_clipping_limits_each_update(shapes_dir, tmp_path):
                          "optim.weight_decay=0", "optim.schedule=constant", "optim.warmup_epochs=0",
                          "train.clip_grad_norm=1e-4"))
     torch.manual_seed(0)
-    from toolkit.models import create_model
+    from toolkit.train.models import create_model
 
     init = create_model("tutorial_net", 10).state_dict()
     moved = {}
@@ -189,8 +188,8 @@ def test_stream_and_memory_paths_train_identically(shapes_dir, tmp_path):
 
 
 def test_flip_tta_averages_the_image_and_its_mirror():
-    from toolkit.data import Normalize
     from toolkit.train import evaluate
+    from toolkit.train.data import Normalize
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()

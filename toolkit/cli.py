@@ -25,11 +25,11 @@ EPILOG = """examples:
 
 
 def cmd_data(args) -> None:
-    from toolkit import shapes
+    from toolkit.train.datasets import shapes
 
     if args.out.exists():
         raise UserError(f"'{args.out}' already exists; choose a new folder or remove it")
-    from toolkit.report import progress_bar
+    from toolkit.core.progress import progress_bar
 
     n = (args.train_per_class + args.val_per_class) * len(shapes.CLASSES)
     bar = progress_bar(n, "drawing images")
@@ -115,7 +115,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_preview(args) -> None:
-    from toolkit.pictures import preview
+    from toolkit.core.pictures import preview
 
     counts = preview(args.data_dir, args.output, per_class=args.per_class)
     width = max(len(c) for c in counts)
@@ -125,11 +125,11 @@ def cmd_preview(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from toolkit.pictures import inspect
+    from toolkit.core.pictures import inspect
 
     size, resize, mean, std = args.size, args.resize, None, None
     if args.model:
-        from toolkit.meta import read_meta
+        from toolkit.core.meta import read_meta
 
         meta = read_meta(args.model)
         size, resize, mean, std = meta.image_size, meta.resize, meta.mean, meta.std
@@ -137,7 +137,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from toolkit.models import list_models
+    from toolkit.train.models import list_models
 
     for name, doc in list_models().items():
         print(f"{name:<18} {doc}")

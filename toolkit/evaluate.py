@@ -11,21 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import UserError, images
+from toolkit import UserError
+from toolkit.core import images
 
 
 def _scorer(model: str | Path, fallback: dict | None = None):
     """-> (Meta, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
     if str(model).lower().endswith(".onnx"):
-        from toolkit.runtime import OnnxClassifier
+        from toolkit.predict.runtime import OnnxClassifier
 
         clf = OnnxClassifier(model, fallback=fallback)
         return clf.meta, lambda px: clf.logits(px).argmax(1)
 
     import torch
 
-    from toolkit.checkpoint import build_model
-    from toolkit.data import Normalize
+    from toolkit.train.data import Normalize
+    from toolkit.train.weights import build_model
 
     net, meta = build_model(model)
     norm = Normalize(meta.mean, meta.std)
@@ -76,7 +77,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
 
 def format_result(r: dict) -> str:
     """Accuracy line, per-class table and (up to 30 classes) the confusion matrix, as text."""
-    from toolkit.report import format_table, per_class_rows
+    from toolkit.core.metrics import format_table, per_class_rows
 
     lines = [f"accuracy {100 * r['accuracy']:.2f}% ({r['correct']}/{r['n']} images"
              + (f", {r['failed']} unreadable)" if r["failed"] else ")"),

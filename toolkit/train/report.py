@@ -1,92 +1,15 @@
-"""What a run tells its user: metrics records, progress, per-class table and confusion matrix picture."""
+"""The run report: curves, per-class chart and table, confusion matrix, validation grid, report.md."""
 
 from __future__ import annotations
 
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: float, lr: float,
-                   elapsed: float, images: int) -> dict:
-    """One line of metrics.jsonl from a (C, C) confusion matrix (rows true, columns predicted)."""
-    c = np.asarray(confusion, dtype=np.int64)
-    per_class_total = c.sum(1)
-    n = int(c.sum())
-    return {
-        "epoch": epoch,
-        "step": step,
-        "train_loss": round(loss, 6),
-        "val_accuracy": float(np.trace(c) / n) if n else 0.0,
-        "val_count": n,
-        "per_class": {name: float(c[i, i] / per_class_total[i]) if per_class_total[i] else None
-                      for i, name in enumerate(classes)},
-        "lr": lr,
-        "epoch_time_s": round(elapsed, 3),
-        "images_per_s": round(images / elapsed, 1) if elapsed > 0 else 0.0,
-    }
-
-
-class _Lines:
-    """A progress 'bar' for logs and pipes: a plain line at most every 15 s, no carriage returns."""
-
-    EVERY_S = 15.0
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n = total, desc, 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        now = time.perf_counter()
-        if now - self.last >= self.EVERY_S and self.n < self.total:
-            self.last = now
-            print(f"{self.desc}: {self.n}/{self.total} ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class _Off:
-    def update(self, k: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """tqdm on a terminal, plain lines when stderr is a file or a pipe, nothing when disabled."""
-    if not enabled:
-        return _Off()
-    if not sys.stderr.isatty():
-        return _Lines(total, desc)
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def per_class_rows(confusion, classes: list[str]) -> list[dict]:
-    c = np.asarray(confusion, dtype=np.int64)
-    rows = []
-    for i, name in enumerate(classes):
-        total = int(c[i].sum())
-        rows.append({"class": name, "correct": int(c[i, i]), "total": total,
-                     "accuracy": round(c[i, i] / total, 4) if total else None})
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    width = max([len(r["class"]) for r in rows] + [5])
-    lines = [f"{'class':<{width}}  correct  total  accuracy"]
-    for r in rows:
-        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-        lines.append(f"{r['class']:<{width}}  {r['correct']:>7}  {r['total']:>5}  {acc:>8}")
-    return "\n".join(lines)
+from toolkit.core.metrics import format_table, per_class_rows
 
 
 def _pyplot():
@@ -168,8 +91,8 @@ def validation_predictions(run_dir: Path, split, data_cfg, device, n: int = 1000
     """The best checkpoint on up to n validation images: (pixels (n, H, W, 3), truth, predicted, score)."""
     import torch
 
-    from toolkit.checkpoint import build_model
-    from toolkit.data import Normalize, sample_images
+    from toolkit.train.data import Normalize, sample_images
+    from toolkit.train.weights import build_model
 
     model, meta = build_model(run_dir / "best.safetensors")
     model.to(device)
@@ -188,7 +111,7 @@ def validation_predictions(run_dir: Path, split, data_cfg, device, n: int = 1000
 
 def write_report(run_dir: Path, classes: list[str], confusion, epoch: int, validation=None) -> Path:
     """<run>/report/: curves, per-class chart and table, confusion matrix, validation grid, report.md."""
-    from toolkit.pictures import validation_grid
+    from toolkit.core.pictures import validation_grid
 
     run_dir = Path(run_dir)
     out = run_dir / "report"
@@ -225,7 +148,7 @@ def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, 
         f"({best['val_count']} validation images)",
         f"- epochs run: {records[-1]['epoch']}; training time {sum(r['epoch_time_s'] for r in records):.1f} s; "
         f"median {speed:,.0f} training images/s",
-        f"- weakest classes: " + ", ".join(f"{r['class']} {100 * r['accuracy']:.1f}%" for r in worst), "",
+        "- weakest classes: " + ", ".join(f"{r['class']} {100 * r['accuracy']:.1f}%" for r in worst), "",
     ]
     captions = {"curves.png": "Training loss, validation accuracy and learning rate per epoch.",
                 "per_class.png": "Validation accuracy per class at the best epoch.",

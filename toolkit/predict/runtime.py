@@ -7,13 +7,12 @@ and a requested CUDA device never falls back to the CPU silently.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from toolkit import UserError
-from toolkit.meta import META_KEY, Meta
+from toolkit.core.meta import META_KEY, Meta
 
 DEVICES = ("cpu", "cuda", "auto")
 

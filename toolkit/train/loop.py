@@ -24,11 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toolkit import UserError, checkpoint, data, report
+import toolkit.train.data as data
+import toolkit.train.report as report
+import toolkit.train.state as state
+import toolkit.train.weights as weights
+from toolkit import UserError
 from toolkit.config import Config, save_config
-from toolkit.meta import Meta
-from toolkit.models import create_model
-from toolkit.optim import build_optimizer, lr_at
+from toolkit.core.meta import Meta
+from toolkit.core.metrics import metrics_record
+from toolkit.core.progress import progress_bar
+from toolkit.train.models import create_model
+from toolkit.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: state saved after SIGTERM/SIGUSR1, run again with train.resume=auto
@@ -46,7 +52,7 @@ def resolve_run_dir(cfg: Config) -> Path:
         return base
     if cfg.train.resume:  # continue the run the given state belongs to
         path = Path(cfg.train.resume)
-        if (path / checkpoint.DONE).is_file():
+        if (path / state.DONE).is_file():
             return path.parent.parent  # <run>/state/step-N
         return path.parent if path.name == "state" else path
     candidate, i = base, 1
@@ -139,12 +145,12 @@ def train(cfg: Config) -> Path:
     total_steps = steps_per_epoch * cfg.train.epochs
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": 0,
                 "best_confusion": None, "nonfinite_skipped": 0, "nonfinite_run": 0, "epoch_loss": 0.0}
-    state_path = checkpoint.find_state(cfg.train.resume, run_dir)
+    state_path = state.find_state(cfg.train.resume, run_dir)
     if hasattr(model, "init_from_data") and not state_path:  # data-dependent init, e.g. a whitening stem
         sample, _ = data.sample_images(ds.train, cfg.data, range(min(5000, len(ds.train))))
         model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(sample))
     if state_path:
-        progress, files = checkpoint.load_state(state_path)
+        progress, files = state.load_state(state_path)
         saved = (progress.get("arch", cfg.model.arch), progress.get("num_classes", num_classes))
         if saved != (cfg.model.arch, num_classes):
             raise UserError(f"resume state '{state_path}' is for model {saved[0]} with {saved[1]} classes; this run "
@@ -163,7 +169,7 @@ def train(cfg: Config) -> Path:
         model = torch.compile(model)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP or compile wrapper
     if state_path:
-        checkpoint.restore_resume(accelerator, optimizer, files, progress, cfg)
+        state.restore_resume(accelerator, optimizer, files, progress, cfg)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, progress["epoch"] + 1,
                  progress["batch"], progress["step"])
 
@@ -200,7 +206,7 @@ def train(cfg: Config) -> Path:
             bad = torch.zeros((), device=device)
             aug = (plan.augment_params(epoch, max(pad, 1)), pad, flip) if pad or flip else None
             batches = plan.batches(epoch, progress["batch"])
-            bar = report.progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}", main and cfg.train.progress)
+            bar = progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}", main and cfg.train.progress)
             for k, (x, y) in enumerate(train_src(batches, aug), start=progress["batch"]):
                 x = normalize(x)
                 if cfg.model.channels_last:
@@ -224,7 +230,7 @@ def train(cfg: Config) -> Path:
                     every = cfg.train.checkpoint_every
                     if flags[1] > 0 or (every and progress["step"] % every == 0 and k + 1 < plan.num_batches):
                         progress["epoch_loss"] = accelerator.reduce(loss_sum.clone(), "sum").item()
-                        checkpoint.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+                        state.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
                     if flags[1] > 0:
                         _preempted(accelerator, run_dir, progress)
             bar.close()
@@ -235,20 +241,20 @@ def train(cfg: Config) -> Path:
                 _sync_buffers(raw_model, world)
                 confusion = accelerator.reduce(evaluate(raw_model, val_src, val_shards, normalize, num_classes,
                                                         cfg.train.eval_tta, cfg.model.channels_last), "sum").cpu()
-                record = report.metrics_record(confusion, ds.classes, epoch + 1, progress["step"], loss_mean,
+                record = metrics_record(confusion, ds.classes, epoch + 1, progress["step"], loss_mean,
                                                optimizer.param_groups[0]["lr"], elapsed, seen * world)
                 improved = record["val_accuracy"] > progress["best_accuracy"]
-                checkpoint.check_finite(raw_model)  # every process: they hold the same weights, so all stop together
+                weights.check_finite(raw_model)  # every process: they hold the same weights, so all stop together
                 if main:
                     _log_epoch(record, run_dir, cfg, accelerator)
                     meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class")}
-                    checkpoint.save_weights(raw_model, meta, run_dir / "last.safetensors")
+                    weights.save_weights(raw_model, meta, run_dir / "last.safetensors")
                     if improved:
-                        checkpoint.save_weights(raw_model, meta, run_dir / "best.safetensors")
+                        weights.save_weights(raw_model, meta, run_dir / "best.safetensors")
                 if improved:
                     progress.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1,
                                     best_confusion=confusion.tolist())
-            checkpoint.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
+            state.save_resume(accelerator, raw_model, optimizer, progress, run_dir, cfg)
             target = cfg.train.stop_at_accuracy
             if target and progress["best_accuracy"] >= target:  # the same verdict on every process
                 log.info("validation accuracy reached train.stop_at_accuracy=%g at epoch %d", target, epoch + 1)

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import UserError, images, outputs
-from toolkit.runtime import OnnxClassifier, validate_model
+import toolkit.predict.parts as parts
+import toolkit.predict.table as table
+from toolkit import UserError
+from toolkit.core import images
+from toolkit.predict.runtime import OnnxClassifier, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
         raise UserError("--batch-size, --topk and --max-pixels must be at least 1")
     if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1):
         raise UserError(f"--grid needs a .png file and --grid-count at least 1; got '{grid}', {grid_count}")
-    fmt = outputs.format_of(out)
+    fmt = table.format_of(out)
     rank, world, local_rank, local_world = _process()
     validate_model(model, device)  # before anything already written is touched
     if fallback and not fallback.get("classes"):
@@ -119,31 +122,31 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
            "topk": topk, "world_size": world, "max_pixels": max_pixels, "fallback": fallback, "format": fmt}
     run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
     sidecar = out.with_name(out.name + ".run.json")
-    final_rows = outputs.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
-    target = final_rows if world == 1 else outputs.part_path(out, fmt, rank, world)
+    final_rows = table.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
+    target = final_rows if world == 1 else parts.part_path(out, fmt, rank, world)
     try:
-        record = outputs.read_record(sidecar)
+        record = parts.read_record(sidecar)
         if resume and record and record.get("complete"):
-            outputs.check_same_run(record, run)
+            parts.check_same_run(record, run)
             log.info("%s is already complete", out)
             return record["summary"]
-        outputs.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
+        parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
         out.parent.mkdir(parents=True, exist_ok=True)
         tally = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers, threads,
                               device, batch_size, max_pixels, fallback, sidecar if rank == 0 and not record else None)
         if world > 1:
-            outputs.write_json(outputs.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
+            parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
             if rank != 0:
                 return tally.summary(target)
-            tally = outputs.merge(out, final_rows, fmt, world, run, root)
+            tally = parts.merge(out, final_rows, fmt, world, run, root)
         if grid:
-            from toolkit.pictures import predictions_grid
+            from toolkit.core.pictures import predictions_grid
 
-            predictions_grid(root, list(itertools.islice(outputs.read_rows(final_rows), grid_count)), grid)
+            predictions_grid(root, list(itertools.islice(table.read_rows(final_rows), grid_count)), grid)
         if fmt == "parquet":
-            outputs.to_parquet(final_rows, out)
+            table.to_parquet(final_rows, out)
         summary = tally.summary(out)
-        outputs.write_json(sidecar, {**run, "complete": True, "summary": summary})
+        parts.write_json(sidecar, {**run, "complete": True, "summary": summary})
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
         raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
     return summary
@@ -151,9 +154,9 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
 
 def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
                   resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
-                  new_record: Path | None) -> outputs.Tally:
+                  new_record: Path | None) -> table.Tally:
     """This process's share of the files, answered into `target` (continuing it when resuming)."""
-    from toolkit.report import progress_bar
+    from toolkit.core.progress import progress_bar
 
     model = run["model"]
     cores = max(1, (os.cpu_count() or 1) // local_world)
@@ -162,10 +165,10 @@ def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, lo
         clf = OnnxClassifier(model, threads, fallback, device, local_rank)
         topk = min(run["topk"], clf.meta.num_classes)
         if new_record:
-            outputs.write_json(new_record, {**run, "complete": False})
+            parts.write_json(new_record, {**run, "complete": False})
         files = itertools.islice(images.iter_images(root), rank, None, world)  # this process's share, lazily
-        writer = outputs.RowWriter(target, topk, resume)
-        tally = outputs.Tally()
+        writer = table.RowWriter(target, topk, resume)
+        tally = table.Tally()
         for row in writer.existing_rows():  # resume: the rows must be the first files of the same walk
             expected = next(files, None)
             if row["path"] != expected:

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit import UserError, images
+from toolkit import UserError
 from toolkit.config import DataConfig
+from toolkit.core import images
+from toolkit.train.augment import augment, crop_flip
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def _split_folder(root: Path, cfg: DataConfig, seed: int):
 
 
 def _cifar10(cfg: DataConfig) -> Dataset:
-    from toolkit.cifar import load_cifar10
+    from toolkit.train.datasets.cifar import load_cifar10
 
     classes, (xtr, ytr), (xva, yva) = load_cifar10(cfg.root, download=cfg.download)
     if cfg.image_size != xtr.shape[1]:  # resize with the shared definition, as predict would
@@ -104,9 +106,8 @@ def ensure_shapes(cfg: DataConfig, seed: int) -> None:
     root = Path(cfg.root)
     if root.exists():
         return
-    from toolkit import shapes
-
-    from toolkit.report import progress_bar
+    from toolkit.core.progress import progress_bar
+    from toolkit.train.datasets import shapes
 
     log.info("generating the shapes dataset at %s (%d + %d images per class)",
              root, cfg.train_per_class, cfg.val_per_class)
@@ -132,7 +133,7 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Data
     if not in_memory:
         log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(tf), len(vf), decoded_gb)
         return Dataset(classes, Split(torch.from_numpy(tl), files=tf), Split(torch.from_numpy(vl), files=vf), val_dir)
-    from toolkit.cache import decode_cached
+    from toolkit.train.cache import decode_cached
 
     if workers is None and cfg.num_workers >= 0:
         workers = max(1, cfg.num_workers)  # 0: decode in this process
@@ -216,35 +217,6 @@ def eval_shards(n: int, world: int, rank: int, batch_size: int) -> list[torch.Te
     """This process's validation indices (r::world, disjoint: each image counted once), batched."""
     mine = torch.arange(rank, n, world)
     return list(mine.split(batch_size)) if len(mine) else []
-
-
-def crop_flip(images: torch.Tensor, idx: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """Samples `idx` of `images`, each randomly cropped (zero padding `pad`) and flipped: one gather.
-
-    images: (N, 3, H, W) uint8, on the device; idx: (B,) int64; params: (B, 3) int64 from
-    TrainPlan.augment_params. Output pixel (i, j) of sample b is padded[idx[b], :, dy + i, dx + j],
-    with j mirrored (W-1-j) when the flip bit is set. Reading the dataset tensor directly with the
-    shifted coordinates fuses indexing, padding and cropping into one pass; no per-sample Python.
-    """
-    B, (C, H, W) = len(idx), images.shape[1:]
-    dev = images.device
-    params = params.to(dev, non_blocking=True)
-    dy = params[:, 0:1] - pad if pad else torch.zeros_like(params[:, 0:1])
-    dx = params[:, 1:2] - pad if pad else torch.zeros_like(params[:, 1:2])
-    cols = torch.arange(W, device=dev)
-    if flip:
-        cols = torch.where(params[:, 2:3].bool(), W - 1 - cols, cols)
-    rows = torch.arange(H, device=dev) + dy  # (B, H), may step outside the image
-    cols = cols + dx  # (B, W)
-    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (B, H, W)
-    offset = idx.to(dev)[:, None, None] * (C * H * W) + rows.clamp(0, H - 1)[:, :, None] * W + cols.clamp(0, W - 1)[:, None, :]
-    offset = offset[:, None] + torch.arange(0, C * H * W, H * W, device=dev)[None, :, None, None]  # (B, C, H, W)
-    return images.reshape(-1).take(offset) * inside[:, None]
-
-
-def augment(x: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """crop_flip of a whole batch x (B, 3, H, W) uint8, e.g. one a DataLoader just decoded."""
-    return crop_flip(x, torch.arange(len(x), device=x.device), params, pad, flip)
 
 
 class Normalize(torch.nn.Module):

@@ -17,78 +17,26 @@ import logging
 import os
 import platform
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from toolkit import UserError, __version__, images, variants
-from toolkit.checkpoint import build_model, weights_path
-from toolkit.data import Normalize
-from toolkit.meta import META_KEY, Meta
+import toolkit.export.variants as variants
+from toolkit import UserError, __version__
+from toolkit.core.meta import META_KEY, Meta
+from toolkit.export.check_data import CheckData, check_data
+from toolkit.train.data import Normalize
+from toolkit.train.weights import build_model, weights_path
 
 log = logging.getLogger(__name__)
 CHECK_BATCHES = (1, 7, 64)  # a batch of one, an odd size, a full batch: catches fixed-batch exports
 LOGIT_RTOL = 1e-4  # fp32: max |logit difference| allowed, relative to max(1, largest |logit|)
-MAX_EVAL_IMAGES = 2000  # validation images for accuracy and variant agreement
-CALIBRATION_IMAGES = 256  # training images for int8 calibration
 
 
 class ExportMismatch(UserError):
     pass
-
-
-@dataclass
-class CheckData:
-    val: np.ndarray  # (N, H, W, 3) uint8 validation images
-    labels: np.ndarray | None  # (N,) class indices of the model, when known
-    calibration: np.ndarray  # (M, H, W, 3) uint8 training images
-    source: str
-
-
-def _spread(n: int, k: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, min(n, k)).astype(int)) if n else np.zeros(0, int)
-
-
-def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> CheckData:
-    """Real images for the checks: from `data_dir` (class subfolders or plain images), else the run's data."""
-    if data_dir is not None:
-        root = Path(data_dir)
-        try:
-            classes, rel, labels = images.find_labelled(root)
-        except FileNotFoundError:
-            raise UserError(f"--data folder '{root}' does not exist") from None
-        if not rel or any(c not in meta.class_names for c in classes):  # not a labelled folder of this model
-            rel, labels = images.find_images(root), None
-        else:
-            labels = np.array([meta.class_names.index(classes[i]) for i in labels])
-        picked = _spread(len(rel), MAX_EVAL_IMAGES)
-        batch = images.decode_chunk([rel[i] for i in picked], str(root), meta.image_size, meta.resize,
-                                     images.MAX_PIXELS)
-        px = batch.pixels
-        if len(px):
-            return CheckData(px, labels[picked][batch.ok] if labels is not None else None,
-                             px[_spread(len(px), CALIBRATION_IMAGES)], str(root))
-    config = weights_path(checkpoint).parent / "config.yaml"
-    if config.is_file():
-        from toolkit import data
-        from toolkit.config import load_config
-
-        cfg = load_config(config)
-        try:
-            ds = data.load_dataset(cfg.data, cfg.seed)
-        except UserError as e:
-            log.warning("the run's data is not available for the export check (%s)", e)
-        else:
-            val, val_y = data.sample_images(ds.val, cfg.data, _spread(len(ds.val), MAX_EVAL_IMAGES))
-            train, _ = data.sample_images(ds.train, cfg.data, _spread(len(ds.train), CALIBRATION_IMAGES))
-            return CheckData(val.permute(0, 2, 3, 1).numpy(), val_y.numpy(), train.permute(0, 2, 3, 1).numpy(),
-                             f"{cfg.data.kind} data at {cfg.data.root}")
-    log.warning("no validation images found for the export check; using random pixels (pass --data DIR)")
-    px = np.random.default_rng(0).integers(0, 256, (64, meta.image_size, meta.image_size, 3), dtype=np.uint8)
-    return CheckData(px, None, px, "random pixels")
 
 
 def exportable(model: nn.Module, meta: Meta, input_dtype: str = "float32") -> nn.Module:
@@ -171,7 +119,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
     out.parent.mkdir(parents=True, exist_ok=True)
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
-    from toolkit.report import progress_bar
+    from toolkit.core.progress import progress_bar
 
     bar = progress_bar(4 if variant == "fp32" else 5, f"export {variant}: trace, check, " +
                        ("" if variant == "fp32" else f"{variant}, ") + "report")

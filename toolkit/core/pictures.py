@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from toolkit import UserError, images
+from toolkit import UserError
+from toolkit.core import images
 
 TILE = 96  # pixels per image in a grid
 CAPTION = 30  # pixels of caption under each image (two lines)

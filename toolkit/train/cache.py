@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit import images
 from toolkit.config import DataConfig
-from toolkit.report import progress_bar
+from toolkit.core import images
+from toolkit.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the decoding definition in images.py changes

@@ -1,0 +1,48 @@
+"""Accuracy from a confusion matrix: the metrics.jsonl record, per-class rows and their text table.
+
+Shared by training, evaluate and the run report, so the figures they print agree."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: float, lr: float,
+                   elapsed: float, images: int) -> dict:
+    """One line of metrics.jsonl from a (C, C) confusion matrix (rows true, columns predicted)."""
+    c = np.asarray(confusion, dtype=np.int64)
+    per_class_total = c.sum(1)
+    n = int(c.sum())
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": round(loss, 6),
+        "val_accuracy": float(np.trace(c) / n) if n else 0.0,
+        "val_count": n,
+        "per_class": {name: float(c[i, i] / per_class_total[i]) if per_class_total[i] else None
+                      for i, name in enumerate(classes)},
+        "lr": lr,
+        "epoch_time_s": round(elapsed, 3),
+        "images_per_s": round(images / elapsed, 1) if elapsed > 0 else 0.0,
+    }
+
+
+def per_class_rows(confusion, classes: list[str]) -> list[dict]:
+    c = np.asarray(confusion, dtype=np.int64)
+    rows = []
+    for i, name in enumerate(classes):
+        total = int(c[i].sum())
+        rows.append({"class": name, "correct": int(c[i, i]), "total": total,
+                     "accuracy": round(c[i, i] / total, 4) if total else None})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    width = max([len(r["class"]) for r in rows] + [5])
+    lines = [f"{'class':<{width}}  correct  total  accuracy"]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(f"{r['class']:<{width}}  {r['correct']:>7}  {r['total']:>5}  {acc:>8}")
+    return "\n".join(lines)
+
+
