@@ -2,18 +2,24 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 
 .PHONY: demo test clean
 
-# (re)install when pyproject.toml changes; the stamp marks a finished install
-$(STAMP): pyproject.toml
+# (re)install when pyproject.toml changes; a stamp marks a finished install of an extra.
+# The demo needs the training stage (toolkit[train]); the tests need everything (toolkit[dev]).
+$(VENV)/.train: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
-	touch $(STAMP)
+	$(PIP) -e '.[train]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.train
 
 # train -> export -> predict -> evaluate on the built-in shapes data (generated on first use)
-demo: $(STAMP)
+demo: $(VENV)/.train
 	@set -e; t0=$$(date +%s); \
 	run=$$($(BIN)/toolkit train configs/quickstart.yaml); t1=$$(date +%s); \
 	$(BIN)/toolkit export $$run -o exported/quickstart.onnx; t2=$$(date +%s); \
@@ -23,7 +29,7 @@ demo: $(STAMP)
 	echo "run: $$run (report: $$run/report/report.md)  model: exported/quickstart.onnx  predictions: $$run/predictions.csv"; \
 	echo "seconds: train (with data generation) $$((t1-t0)), export $$((t2-t1)), predict $$((t3-t2)), evaluate $$((t4-t3))"
 
-test: $(STAMP)
+test: $(VENV)/.dev
 	$(BIN)/python -m pytest
 
 clean:
