@@ -79,3 +79,9 @@ def test_a_model_without_docstring_is_listed():
         assert list_models()["bare_model"] == ""
     finally:
         del models._REGISTRY["bare_model"]
+
+
+def test_the_torch_free_catalog_lists_exactly_the_registry():
+    from toolkit.train.catalog import builtin_models
+
+    assert builtin_models() == list_models()

@@ -1,4 +1,4 @@
-"""`toolkit` command line: data, train, evaluate, export, predict, models.
+"""`toolkit` command line: data, train, config, evaluate, export, predict, preview, inspect, models, completion.
 
 Each command imports its stage lazily, so `toolkit --help` and `toolkit predict` start
 fast and predict never imports torch. Errors a user can cause are one line; --debug
@@ -17,6 +17,7 @@ from toolkit import UserError, __version__
 EPILOG = """examples:
   toolkit data shapes data/shapes
   toolkit train configs/quickstart.yaml train.epochs=5 optim.lr=0.1
+  toolkit config configs/quickstart.yaml optim.lr=0.1    # the resolved config; train --help lists every key
   accelerate launch --config_file launch/cpu_ddp.yaml -m toolkit train configs/quickstart.yaml
   toolkit evaluate runs/quickstart data/shapes/val
   toolkit export runs/quickstart -o exported/quickstart.onnx
@@ -40,16 +41,40 @@ def cmd_data(args) -> None:
     print(args.out)
 
 
-def cmd_train(args) -> None:
+def _config(args):
+    """The checked config of `toolkit train` and `toolkit config`: every key and the model name are
+    validated here, before torch is imported and before any data is read."""
     from toolkit.config import load_config
-    from toolkit.train import train
+    from toolkit.train.catalog import check_arch  # torch-free
 
     cfg = load_config(args.config, args.overrides)
+    check_arch(cfg.model.arch)
+    return cfg
+
+
+def cmd_train(args) -> None:
+    cfg = _config(args)
+    from toolkit.train import train  # torch from here on
+
     run_dir = train(cfg)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(run_dir)
+
+
+def cmd_config(args) -> None:
+    from toolkit.config_docs import resolved_yaml
+
+    cfg = _config(args)
+    source = " ".join([str(args.config), *args.overrides])
+    sys.stdout.write(resolved_yaml(cfg, source))
+
+
+def cmd_completion(args) -> None:
+    from toolkit.completion import bash_script
+
+    sys.stdout.write(bash_script(build_parser()))
 
 
 def _fallback(args) -> dict:
@@ -137,11 +162,25 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from toolkit.train.models import list_models
+    from toolkit.train.catalog import builtin_models  # the names without importing torch
 
-    for name, doc in list_models().items():
+    for name, doc in builtin_models().items():
         print(f"{name:<18} {doc}")
     print(f"{'timm/<name>':<18} any timm model, with the timm extra (pip install 'toolkit[timm]')")
+
+
+KEYS_TABLE = "{config keys}"  # replaced by the key table when the help is printed
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; builds the config key table only when a help is printed."""
+
+    def _format_text(self, text: str) -> str:
+        if KEYS_TABLE in text:
+            from toolkit.config_docs import help_text
+
+            text = text.replace(KEYS_TABLE, help_text())
+        return super()._format_text(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help, example):
-        sp = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add(name, fn, help, example, keys_table=False):
+        epilog = f"example:\n  {example}" + (f"\n\n{KEYS_TABLE}" if keys_table else "")
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -167,10 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=32, help="image side in pixels")
 
-    t = add("train", cmd_train, "train a model from a YAML config and key=value overrides",
-            "toolkit train configs/quickstart.yaml train.epochs=3 data.batch_size=128")
-    t.add_argument("config", help="experiment YAML (configs/*.yaml)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=0.1 model.arch=resnet_small")
+    for name, fn, help, example in (
+            ("train", cmd_train, "train a model from a YAML config and key=value overrides",
+             "toolkit train configs/quickstart.yaml train.epochs=3 data.batch_size=128"),
+            ("config", cmd_config, "print the resolved config as YAML (what `toolkit train` would run; it takes "
+             "the output back unchanged)", "toolkit config configs/quickstart.yaml optim.lr=0.1 > my.yaml")):
+        t = add(name, fn, help, example, keys_table=True)
+        t.add_argument("config", help="experiment YAML (configs/*.yaml)")
+        t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=0.1 model.arch=resnet_small")
 
     e = add("evaluate", cmd_evaluate, "accuracy, per-class accuracy and confusion of a model on a labelled folder",
             "toolkit evaluate exported/quickstart.onnx data/shapes/val --json")
@@ -234,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
 
     add("models", cmd_models, "list the registered model architectures", "toolkit models")
+    c = add("completion", cmd_completion, "print a shell completion script (commands, options, config keys)",
+            "source <(toolkit completion bash)    # or save it under ~/.local/share/bash-completion/completions/toolkit")
+    c.add_argument("shell", choices=["bash"], help="bash (zsh: autoload bashcompinit && bashcompinit first)")
     return p
 
 

@@ -2,7 +2,8 @@
 
 The dataclasses below are the single source of truth for every key and default. A YAML file
 holds only what differs from them. Unknown keys and ill-typed values are rejected with one
-sentence naming the key (and the closest valid key for typos).
+sentence naming the key (and the closest valid key for typos). The trailing comment of each
+field is its help text: `toolkit train --help` and `toolkit config` read it from here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class DataConfig:
     crop_padding: int = 4  # pixels of zero padding around the random crop
     hflip: bool = True  # random horizontal flip with p=0.5
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, [0, 1] scale
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, [0, 1] scale; > 0
     cache: str = "auto"  # auto | memory | stream: decoded uint8 tensors in memory, or decode every epoch
     cache_dir: str = ""  # decoded-dataset cache; "" = $TOOLKIT_CACHE_DIR or ~/.cache/toolkit
     memory_limit_gb: float = 8.0  # cache=auto keeps a dataset in memory below this decoded size
@@ -44,7 +45,7 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # refuse larger images (decompression bombs); PIL's default
     download: bool = True  # cifar10: download when root has no copy
     train_per_class: int = 500  # shapes: images generated per class
-    val_per_class: int = 100
+    val_per_class: int = 100  # shapes: validation images generated per class
 
 
 @dataclass
@@ -69,11 +70,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 10  # passes over the training images
     out_dir: str = "runs"  # run directory: out_dir/<name> (a suffix -2, -3... when it exists)
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float = 0.0  # max global L2 norm of gradients; 0 = off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy target smoothing, in [0, 1)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     eval_tta: bool = False  # average logits of the image and its horizontal flip
     checkpoint_every: int = 0  # optimizer steps between resume states; 0 = epoch ends only

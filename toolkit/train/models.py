@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from toolkit import UserError
+from toolkit.train.catalog import check_arch
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,21 +30,11 @@ def list_models() -> dict[str, str]:
 
 def create_model(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
     """Build a fresh model. `timm/<name>` builds a timm model (needs the timm extra)."""
+    check_arch(arch, list_models())  # the same message as the torch-free check of `toolkit train`
     if arch.startswith("timm/"):
-        try:
-            import timm
-        except ImportError:
-            raise UserError(f"model.arch '{arch}' needs timm: pip install 'toolkit[timm]'") from None
-        try:
-            return timm.create_model(arch[len("timm/"):], pretrained=False, num_classes=num_classes)
-        except RuntimeError as e:  # timm's "Unknown model"
-            raise UserError(f"model.arch '{arch}': {e}") from None
-    if arch not in _REGISTRY:
-        import difflib
+        import timm
 
-        close = difflib.get_close_matches(arch, list(_REGISTRY), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(_REGISTRY))}"
-        raise UserError(f"unknown model.arch '{arch}'{hint}")
+        return timm.create_model(arch[len("timm/"):], pretrained=False, num_classes=num_classes)
     return _REGISTRY[arch](num_classes=num_classes, image_size=image_size)
 
 

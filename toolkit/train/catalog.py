@@ -1,0 +1,48 @@
+"""The registered model names, known without importing torch.
+
+`toolkit models` lists them and `toolkit train` / `toolkit config` check `model.arch` against
+them before torch is imported or any data is read. They are read from the @register_model
+functions of models.py (name and first docstring line), which stays the one place a model is
+defined; tests/test_models.py holds that this list equals the live registry. timm names are
+checked with timm's own list, and only for `timm/<name>` (importing timm imports torch).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from pathlib import Path
+
+from toolkit import UserError
+
+MODELS_SOURCE = Path(__file__).with_name("models.py")
+
+
+def builtin_models() -> dict[str, str]:
+    """Registered names -> first line of their docstring, sorted by name."""
+    found = {}
+    for node in ast.parse(MODELS_SOURCE.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Name) and d.id == "register_model" for d in node.decorator_list):
+            found[node.name] = (ast.get_docstring(node) or "").strip().partition("\n")[0]
+    return dict(sorted(found.items()))
+
+
+def check_arch(arch: str, known: dict | None = None) -> None:
+    """Raise UserError unless `arch` names a model: `known` (default: the built-in ones) or timm/<name>."""
+    if arch.startswith("timm/"):
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"model.arch '{arch}' needs timm: pip install 'toolkit[timm]'") from None
+        name = arch[len("timm/"):]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=1)
+            hint = f"; did you mean 'timm/{close[0]}'?" if close else "; see timm.list_models()"
+            raise UserError(f"unknown model.arch '{arch}': timm has no model '{name}'{hint}")
+        return
+    known = builtin_models() if known is None else known
+    if arch not in known:
+        close = difflib.get_close_matches(arch, list(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(known))}"
+        raise UserError(f"unknown model.arch '{arch}'{hint} (`toolkit models` lists them)")
