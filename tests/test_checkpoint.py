@@ -14,7 +14,7 @@ from toolkit.train import state, train, weights
 def _state(tmp, step, keep=3):
     return state.save_state(tmp / "state", step, {"model.safetensors": {"w": torch.ones(2) * step},
                                                        "optimizer.pt": {"state": {0: {"m": torch.zeros(2)}}}},
-                                 {"step": step}, keep)
+                                 state.TrainState(step=step), keep)
 
 
 def test_states_are_complete_and_only_the_newest_k_are_kept(tmp_path):
@@ -22,7 +22,23 @@ def test_states_are_complete_and_only_the_newest_k_are_kept(tmp_path):
         _state(tmp_path, step, keep=2)
     assert [p.name for p in state.list_states(tmp_path / "state")] == ["step-000000009", "step-000000012"]
     trainer, files = state.load_state(tmp_path / "state" / "step-000000012")
-    assert trainer["step"] == 12 and torch.equal(files["model.safetensors"]["w"], torch.full((2,), 12.0))
+    assert trainer.step == 12 and torch.equal(files["model.safetensors"]["w"], torch.full((2,), 12.0))
+
+
+def test_train_state_round_trips_and_reads_old_markers(tmp_path):
+    st = state.TrainState(epoch=2, batch=5, step=17, best_accuracy=0.5, best_epoch=2, best_confusion=[[1, 0], [1, 2]],
+                          nonfinite_skipped=1, epoch_loss=3.25, arch="tutorial_net", num_classes=2, world_size=2,
+                          batch_size=8, grad_accum=2, config_hash="abc")
+    assert state.TrainState.from_json(st.to_json()) == st
+    # a done.json written before TrainState existed: the progress dict plus the layout keys, no arch
+    old = {"epoch": 1, "batch": 3, "step": 9, "best_accuracy": 0.25, "best_epoch": 1, "best_confusion": [[1]],
+           "nonfinite_skipped": 0, "nonfinite_run": 0, "epoch_loss": 1.5, "world_size": 1, "batch_size": 8,
+           "grad_accum": 1, "config_hash": "x", "some_future_key": 1}
+    (tmp_path / "done.json").write_text(json.dumps(old))
+    read, files = state.load_state(tmp_path)
+    assert (read.epoch, read.batch, read.step, read.epoch_loss, read.best_confusion) == (1, 3, 9, 1.5, [[1]])
+    assert read.arch is None and read.num_classes is None and files == {}
+    assert json.loads(st.to_json())["nonfinite_skipped"] == 1  # the keys of done.json stay the field names
 
 
 def test_a_half_written_state_is_never_picked(tmp_path):
@@ -160,9 +176,9 @@ def test_resume_position_follows_a_new_batch_layout():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     files = {"optimizer.pt": opt.state_dict(), "rng.pt": {}}
     cfg = load_config(None, ["data.batch_size=8", "train.grad_accum=2"])
-    progress = {"batch": 6, "world_size": 1, "batch_size": 8}
-    state.restore_resume(SimpleNamespace(num_processes=2, process_index=0, scaler=None), opt, files, progress, cfg)
-    assert progress["batch"] == 2  # 48 samples seen = 3 batches of 2 x 8, rounded down to whole optimizer steps
+    st = state.TrainState(batch=6, world_size=1, batch_size=8)
+    state.restore_resume(SimpleNamespace(num_processes=2, process_index=0, scaler=None), opt, files, st, cfg)
+    assert st.batch == 2  # 48 samples seen = 3 batches of 2 x 8, rounded down to whole optimizer steps
 
 
 def test_speedrun_net_resumes(tmp_path):

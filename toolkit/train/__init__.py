@@ -6,8 +6,12 @@ without torch.
 
 
 def __getattr__(name: str):
-    if name in ("train", "resolve_run_dir", "evaluate", "NonFiniteLoss"):
-        from toolkit.train import loop
+    if name in ("train", "evaluate", "NonFiniteLoss"):
+        import toolkit.train.loop as loop
 
         return getattr(loop, name)
+    if name == "resolve_run_dir":
+        import toolkit.train.rundir as rundir
+
+        return rundir.resolve_run_dir
     raise AttributeError(f"module 'toolkit.train' has no attribute '{name}'")

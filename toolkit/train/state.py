@@ -1,8 +1,8 @@
 """Resume states: <run>/state/step-N/, written atomically, loaded without running code.
 
 <run>/state/step-000000120/ holds model.safetensors, optimizer.pt, rng.pt (every process's
-generator states, gathered to the main process), scaler.pt (fp16) and done.json (epoch, batch
-position, step, best metric, counters), written last. The folder is written under a temporary
+generator states, gathered to the main process), scaler.pt (fp16) and done.json (a TrainState:
+epoch, batch position, step, best metric, counters), written last. The folder is written under a temporary
 name and renamed, so a crash mid-write never leaves a state that `resume=auto` would pick.
 
 Nothing here unpickles code: safetensors for tensors, JSON for bookkeeping, and
@@ -11,10 +11,12 @@ torch.load(weights_only=True) only for the optimizer/RNG dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +29,44 @@ log = logging.getLogger(__name__)
 DONE = "done.json"
 
 
-def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: dict, keep: int) -> Path:
+@dataclass
+class TrainState:
+    """Where a run is and what it has seen; saved as done.json, the marker of a complete resume state.
+
+    The position is (epoch, batch) with `batch` counted in micro-batches of the layout that saved
+    it (world_size x batch_size); restore_resume converts it when the layout changes.
+    """
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # micro-batches of the current epoch already trained, per process
+    step: int = 0  # optimizer steps taken (the learning rate is a function of it)
+    best_accuracy: float = -1.0  # best validation accuracy so far, in [0, 1]; -1 before the first evaluation
+    best_epoch: int = 0  # the epoch (1-based) that reached it
+    best_confusion: list[list[int]] | None = None  # (C, C) confusion matrix of that epoch, rows true
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/Inf loss, in the whole run
+    nonfinite_run: int = 0  # ... in a row, up to now
+    epoch_loss: float = 0.0  # loss summed over every process's micro-batches of the unfinished epoch
+    arch: str | None = None  # the model the weights belong to (None: a state from before it was saved)
+    num_classes: int | None = None
+    world_size: int | None = None  # the batch layout the position is counted in (None: this run's)
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    config_hash: str | None = None  # of the config that saved the state
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        """Parse done.json; keys missing from older states take their defaults, unknown keys are ignored."""
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: TrainState, keep: int) -> Path:
     """Write state_dir/step-<step>/ atomically and keep only the newest `keep` states.
 
     `files` maps names to tensor dicts (.safetensors) or plain containers of tensors (.pt,
@@ -44,7 +83,7 @@ def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: di
             save_file(obj, str(tmp / name))
         else:
             torch.save(obj, tmp / name)
-    (tmp / DONE).write_text(json.dumps(trainer, indent=1))
+    (tmp / DONE).write_text(trainer.to_json())
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -89,16 +128,16 @@ def find_state(resume: str, run_dir: Path) -> Path | None:
     return states[-1]
 
 
-def load_state(path: Path) -> tuple[dict, dict[str, object]]:
-    """-> (trainer dict, {file name: loaded object}); errors name the broken file."""
+def load_state(path: Path) -> tuple[TrainState, dict[str, object]]:
+    """-> (TrainState, {file name: loaded object}); errors name the broken file."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / DONE).is_file():
         raise UserError(f"'{path}' is not a complete resume state (no {DONE})")
     try:
-        trainer = json.loads((path / DONE).read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        trainer = TrainState.from_json((path / DONE).read_text())
+    except (ValueError, TypeError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"resume state file '{path / DONE}' is damaged ({e})") from None
     files = {}
     for f in sorted(path.iterdir()):
@@ -114,7 +153,7 @@ def load_state(path: Path) -> tuple[dict, dict[str, object]]:
     return trainer, files
 
 
-def save_resume(accelerator, raw_model, optimizer, progress: dict, run_dir: Path, cfg) -> None:
+def save_resume(accelerator, raw_model, optimizer, st: TrainState, run_dir: Path, cfg) -> None:
     """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
     from accelerate.utils import gather_object
 
@@ -131,12 +170,12 @@ def save_resume(accelerator, raw_model, optimizer, progress: dict, run_dir: Path
              "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
     if accelerator.scaler is not None:
         files["scaler.pt"] = accelerator.scaler.state_dict()
-    trainer = {**progress, "world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
-               "grad_accum": cfg.train.grad_accum, "config_hash": cfg.hash()}
-    save_state(run_dir / "state", progress["step"], files, trainer, cfg.train.keep_states)
+    trainer = dataclasses.replace(st, world_size=accelerator.num_processes, batch_size=cfg.data.batch_size,
+                                  grad_accum=cfg.train.grad_accum, config_hash=cfg.hash())
+    save_state(run_dir / "state", st.step, files, trainer, cfg.train.keep_states)
 
 
-def restore_resume(accelerator, optimizer, files: dict, progress: dict, cfg) -> None:
+def restore_resume(accelerator, optimizer, files: dict, st: TrainState, cfg) -> None:
     """Load a state's optimizer, loss scaler and this process's RNG; adapt the position to the batch layout."""
     try:
         optimizer.load_state_dict(files["optimizer.pt"])
@@ -150,9 +189,9 @@ def restore_resume(accelerator, optimizer, files: dict, progress: dict, cfg) -> 
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     world, batch, accum = accelerator.num_processes, cfg.data.batch_size, cfg.train.grad_accum
-    saved = (progress.get("world_size", world), progress.get("batch_size", batch))
-    if saved != (world, batch) and progress["batch"]:  # the samples seen, counted in this run's batches
-        samples = progress["batch"] * saved[0] * saved[1]
-        progress["batch"] = samples // (world * batch) // accum * accum  # an optimizer step never straddles
+    saved = (st.world_size or world, st.batch_size or batch)
+    if saved != (world, batch) and st.batch:  # the samples seen, counted in this run's batches
+        samples = st.batch * saved[0] * saved[1]
+        st.batch = samples // (world * batch) // accum * accum  # an optimizer step never straddles
         log.warning("resuming with %d processes x batch %d from a state of %d x %d: the position in the epoch "
-                    "is rounded down to batch %d", world, batch, saved[0], saved[1], progress["batch"])
+                    "is rounded down to batch %d", world, batch, saved[0], saved[1], st.batch)
