@@ -109,33 +109,76 @@ def test_cifar10_missing_without_download(tmp_path):
         data.load_dataset(cfg.data, seed=0)
 
 
-def _naive_augment(x, params, pad, flip):
+def _naive_augment(x, shift, flips, pad):
     out = []
-    for img, (dy, dx, f) in zip(x, params.tolist()):
+    for img, (dy, dx), f in zip(x, shift.tolist(), flips.tolist()):
         p = torch.nn.functional.pad(img, (pad, pad, pad, pad))
         crop = p[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
-        out.append(crop.flip(2) if (flip and f) else crop)
+        out.append(crop.flip(2) if f else crop)
     return torch.stack(out)
+
+
+def _augment(seed=0, *overrides):
+    from toolkit.train.augment import Augment
+
+    return Augment.from_config(load_config(None, list(overrides)).data, seed)
 
 
 @pytest.mark.parametrize("pad, flip", [(4, True), (0, True), (2, False)])
 def test_batch_augmentation_is_crop_with_padding_and_flip(pad, flip):
     x = torch.randint(0, 256, (16, 3, 9, 7), dtype=torch.uint8)
-    plan = data.TrainPlan(16, 4, 1, 0, seed=0)
-    params = plan.augment_params(0, max(pad, 1))
-    if not pad:
-        params[:, :2] = 0
-    got = data.augment(x, params, pad, flip)
-    assert got.dtype == torch.uint8 and got.shape == x.shape
-    assert torch.equal(got, _naive_augment(x, params, pad, flip))
+    y = torch.arange(16)
+    aug = _augment(0, f"data.crop_padding={pad}", f"data.hflip={flip}").for_epoch(0, 16)
+    idx = torch.randperm(16)[:10]  # a batch of samples in any order
+    tables = {op.name: t[idx] for op, t in zip(aug.ops, aug.params)}
+    shift = tables.get("crop", torch.full((10, 2), pad))
+    flips = tables["flip"][:, 0] if flip else torch.zeros(10, dtype=torch.int64)
+    want = _naive_augment(x[idx], shift, flips, pad)
+    fused, labels = aug.take(x, idx, idx, y[idx])  # the fast path: one gather from the dataset tensor
+    assert fused.dtype == torch.uint8 and fused.shape == (10, 3, 9, 7) and torch.equal(labels, y[idx])
+    assert torch.equal(fused, want)
+    assert torch.equal(aug(x[idx], idx, y[idx])[0], want)  # a decoded batch (streaming source)
+    one_by_one = x[idx]
+    for op, t in zip(aug.ops, aug.params):  # the ops' own code, one after the other, agrees with the fused gather
+        one_by_one, _ = op(one_by_one, y[idx], t[idx])
+    assert torch.equal(one_by_one, want)
     if flip:
-        assert 0 < params[:, 2].sum() < 16  # some flipped, some not
+        assert 0 < flips.sum() < 10  # some flipped, some not
 
 
-def test_augmentation_depends_on_epoch_not_on_rank_or_world():
-    one = data.TrainPlan(100, 10, 1, 0, seed=5)
-    assert torch.equal(one.augment_params(3, 4), data.TrainPlan(100, 5, 2, 1, seed=5).augment_params(3, 4))
-    assert not torch.equal(one.augment_params(3, 4), one.augment_params(4, 4))
+def test_augmentation_draws_are_pinned():
+    """The crop and flip draws of a fixed seed: a change here changes how every existing config trains."""
+    aug = _augment(7, "data.crop_padding=4").for_epoch(3, 12)
+    crop, flip = (t.tolist() for t in aug.params)
+    assert crop == [[2, 7], [6, 0], [8, 1], [0, 3], [1, 4], [0, 7], [5, 1], [1, 3], [8, 3], [5, 6], [1, 1], [0, 2]]
+    assert [f[0] for f in flip] == [0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0]
+
+
+def test_each_op_has_its_own_stream():
+    from toolkit.train.augment import Augment, HorizontalFlip, Op, RandomCrop
+
+    both = Augment([RandomCrop(4), HorizontalFlip()], seed=7).for_epoch(3, 50).params
+    assert torch.equal(Augment([HorizontalFlip()], seed=7).for_epoch(3, 50).params[0], both[1])
+    assert torch.equal(Augment([RandomCrop(4)], seed=7).for_epoch(3, 50).params[0], both[0])
+
+    class Extra(Op):  # a new op drawn before the others leaves their draws alone
+        name, stream = "extra", 9
+
+        def draw(self, n, g):
+            return torch.rand(n, 4, generator=g)
+
+    more = Augment([Extra(), RandomCrop(4), HorizontalFlip()], seed=7).for_epoch(3, 50).params
+    assert torch.equal(more[1], both[0]) and torch.equal(more[2], both[1])
+    with pytest.raises(ValueError, match="distinct stream ids"):
+        Augment([RandomCrop(4), RandomCrop(2)], seed=7)
+    assert _augment(0, "data.augment=false") is None
+
+
+def test_augmentation_is_a_function_of_seed_and_epoch():
+    aug = _augment(5)
+    a, b = aug.for_epoch(3, 100).params, _augment(5).for_epoch(3, 100).params
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], aug.for_epoch(4, 100).params[0])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

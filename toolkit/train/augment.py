@@ -1,34 +1,183 @@
-"""Batch augmentation on the device: random crops and flips as one gather, no per-sample Python."""
+"""Batch augmentation on the device: ops that draw per-sample parameters for an epoch and apply
+them to whole batches, with no per-sample Python.
+
+Randomness: each op draws from its own stream, a generator seeded with SeedSequence([seed,
+epoch, op.stream]); stream 0 is the epoch's shuffle (data.TrainPlan). An op draws a table of
+parameters for every sample of the training set at once (row i: sample i), so what sample i
+gets in epoch e depends on (seed, e, op) only: not on the batch size, the number of processes,
+where a resumed run started, or which other ops are on. Adding an op never changes the draws
+of the existing ones.
+
+Fast path: the leading random crop and flip are done as one gather straight from the
+device-resident dataset (`crop_flip`); further ops run on the gathered batch.
+
+Adding an op (e.g. cutout) takes a class and a line in `Augment.from_config`:
+
+    @dataclass
+    class Cutout(Op):
+        size: int = 8  # side of the zeroed square, pixels
+        name: ClassVar[str] = "cutout"
+        stream: ClassVar[int] = 3  # a new stream id, never reused: the other ops keep their draws
+
+        def draw(self, n, g):  # (N, 2) int64: the square's centre (y, x) as a fraction of 2**16
+            return torch.randint(0, 1 << 16, (n, 2), generator=g)
+
+        def __call__(self, x, y, params):  # x (B, 3, H, W) uint8, y (B,) int64, params (B, 2) on x's device
+            H, W = x.shape[2:]
+            cy, cx = params[:, 0] * H >> 16, params[:, 1] * W >> 16
+            rows = (torch.arange(H, device=x.device) - cy[:, None]).abs() <= self.size // 2  # (B, H)
+            cols = (torch.arange(W, device=x.device) - cx[:, None]).abs() <= self.size // 2  # (B, W)
+            return x * ~(rows[:, None, :, None] & cols[:, None, None, :]), y
+
+    and in from_config: `if cfg.cutout: ops.append(Cutout(cfg.cutout))` (with a `data.cutout`
+    key in config.py). An op that mixes labels (mixup, cutmix) returns soft targets as y,
+    (B, classes) float, which the loss takes as they are.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
 import torch
 
 
-def crop_flip(images: torch.Tensor, idx: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """Samples `idx` of `images`, each randomly cropped (zero padding `pad`) and flipped: one gather.
+def stream(seed: int, epoch: int, stream_id: int) -> torch.Generator:
+    """A CPU generator for (seed, epoch, stream): well mixed by SeedSequence, stable across Python versions."""
+    state = np.random.SeedSequence([seed, epoch, stream_id]).generate_state(1, dtype=np.uint64)[0]
+    g = torch.Generator()
+    g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
 
-    images: (N, 3, H, W) uint8, on the device; idx: (B,) int64; params: (B, 3) int64 from
-    TrainPlan.augment_params. Output pixel (i, j) of sample b is padded[idx[b], :, dy + i, dx + j],
-    with j mirrored (W-1-j) when the flip bit is set. Reading the dataset tensor directly with the
-    shifted coordinates fuses indexing, padding and cropping into one pass; no per-sample Python.
+
+class Op:
+    """One augmentation. `draw` makes an epoch's (N, k) parameters from the op's own generator;
+    `__call__` applies a batch's rows of them to a uint8 batch on the device."""
+
+    name: ClassVar[str] = ""
+    stream: ClassVar[int] = 0  # the random stream id: unique per op, never renumbered (it fixes the draws)
+
+    def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+@dataclass
+class RandomCrop(Op):
+    """Random crop of the image zero-padded by `pad` pixels on each side (same output size)."""
+
+    pad: int = 4  # pixels
+    name: ClassVar[str] = "crop"
+    stream: ClassVar[int] = 1
+
+    def draw(self, n, g):  # (N, 2) int64 offsets dy, dx in [0, 2*pad] into the padded image
+        return torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+
+    def __call__(self, x, y, params):
+        return crop_flip(x, torch.arange(len(x), device=x.device), shift=params, pad=self.pad), y
+
+
+@dataclass
+class HorizontalFlip(Op):
+    """Mirror left-right with probability 1/2."""
+
+    name: ClassVar[str] = "flip"
+    stream: ClassVar[int] = 2
+
+    def draw(self, n, g):  # (N, 1) int64 flip bits
+        return torch.randint(0, 2, (n, 1), generator=g)
+
+    def __call__(self, x, y, params):
+        return torch.where(params.view(-1, 1, 1, 1).bool(), x.flip(3), x), y
+
+
+class Augment:
+    """The ops, in order, under one seed; `for_epoch` draws an epoch's parameters of every op."""
+
+    def __init__(self, ops: list[Op], seed: int):
+        streams = [op.stream for op in ops]
+        if 0 in streams or len(set(streams)) != len(streams):
+            raise ValueError(f"augmentation ops need distinct stream ids above 0 (0 is the shuffle); got {streams}")
+        self.ops, self.seed = list(ops), seed
+
+    @classmethod
+    def from_config(cls, cfg, seed: int) -> Augment | None:
+        """The ops `cfg` (a DataConfig) asks for; None when it asks for none."""
+        ops: list[Op] = []
+        if cfg.augment and cfg.crop_padding > 0:
+            ops.append(RandomCrop(cfg.crop_padding))
+        if cfg.augment and cfg.hflip:
+            ops.append(HorizontalFlip())
+        return cls(ops, seed) if ops else None
+
+    def for_epoch(self, epoch: int, n: int) -> EpochAugment:
+        """The parameters of every op for the `n` training samples in `epoch`."""
+        return EpochAugment(self.ops, [op.draw(n, stream(self.seed, epoch, op.stream)) for op in self.ops])
+
+
+class EpochAugment:
+    """One epoch's augmentation: ops with their (N, k) parameter tables (CPU, row i: sample i)."""
+
+    def __init__(self, ops: list[Op], params: list[torch.Tensor]):
+        self.ops, self.params = ops, params
+        # the fast path: a leading crop and/or flip run as one gather
+        fused = 0
+        if fused < len(ops) and isinstance(ops[fused], RandomCrop):
+            fused += 1
+        if fused < len(ops) and isinstance(ops[fused], HorizontalFlip):
+            fused += 1
+        self.fused = fused
+
+    def take(self, images: torch.Tensor, dev_idx: torch.Tensor, idx: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples `idx` of the dataset `images` (N, 3, H, W) uint8 on the device, augmented, with labels y.
+
+        dev_idx: idx on the images' device; idx: (B,) int64 on the CPU (indexes the parameter tables).
+        """
+        shift = flip = None
+        pad = 0
+        for op, table in zip(self.ops[: self.fused], self.params):
+            if isinstance(op, RandomCrop):
+                shift, pad = table[idx], op.pad
+            else:
+                flip = table[idx, 0]
+        x = crop_flip(images, dev_idx, shift, flip, pad) if self.fused else images[dev_idx]
+        for op, table in zip(self.ops[self.fused:], self.params[self.fused:]):
+            x, y = op(x, y, table[idx].to(x.device, non_blocking=True))
+        return x, y
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a whole batch x (B, 3, H, W) uint8 (e.g. one a DataLoader just decoded) of samples `idx`."""
+        return self.take(x, torch.arange(len(x), device=x.device), idx, y)
+
+
+def crop_flip(images: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor | None = None,
+              flip: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
+    """Samples `idx` of `images`, each cropped from the image zero-padded by `pad` and flipped: one gather.
+
+    images: (N, C, H, W) uint8, on the device; idx: (B,) int64; shift: (B, 2) int64 offsets dy, dx in
+    [0, 2*pad] or None (no crop); flip: (B,) int64/bool flip bits or None. Output pixel (i, j) of
+    sample b is padded[idx[b], :, dy + i, dx + j], with j mirrored (W-1-j) when the flip bit is set.
+    Reading the dataset tensor directly with the shifted coordinates fuses indexing, padding and
+    cropping into one pass.
     """
     C, H, W = images.shape[1:]
     dev = images.device
-    params = params.to(dev, non_blocking=True)
-    dy = params[:, 0:1] - pad if pad else torch.zeros_like(params[:, 0:1])
-    dx = params[:, 1:2] - pad if pad else torch.zeros_like(params[:, 1:2])
-    cols = torch.arange(W, device=dev)
-    if flip:
-        cols = torch.where(params[:, 2:3].bool(), W - 1 - cols, cols)
+    B = len(idx)
+    if shift is None:
+        shift, pad = torch.full((B, 2), pad, dtype=torch.int64), pad
+    shift = shift.to(dev, non_blocking=True)
+    dy, dx = shift[:, 0:1] - pad, shift[:, 1:2] - pad  # (B, 1) each
+    cols = torch.arange(W, device=dev).expand(B, W)
+    if flip is not None:
+        cols = torch.where(flip.to(dev, non_blocking=True).view(B, 1).bool(), W - 1 - cols, cols)
     rows = torch.arange(H, device=dev) + dy  # (B, H), may step outside the image
     cols = cols + dx  # (B, W)
     inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (B, H, W)
-    offset = idx.to(dev)[:, None, None] * (C * H * W) + rows.clamp(0, H - 1)[:, :, None] * W + cols.clamp(0, W - 1)[:, None, :]
+    offset = (idx.to(dev)[:, None, None] * (C * H * W) + rows.clamp(0, H - 1)[:, :, None] * W
+              + cols.clamp(0, W - 1)[:, None, :])
     offset = offset[:, None] + torch.arange(0, C * H * W, H * W, device=dev)[None, :, None, None]  # (B, C, H, W)
     return images.reshape(-1).take(offset) * inside[:, None]
-
-
-def augment(x: torch.Tensor, params: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
-    """crop_flip of a whole batch x (B, 3, H, W) uint8, e.g. one a DataLoader just decoded."""
-    return crop_flip(x, torch.arange(len(x), device=x.device), params, pad, flip)

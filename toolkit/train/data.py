@@ -7,8 +7,9 @@ Two sources give the same (B, 3, H, W) uint8 batches:
 Augmentation (random crop with padding, flip) and normalisation happen afterwards on the
 device, on whole batches, identically for both sources.
 
-Randomness is counter-based: the shuffle of epoch e and the augmentation of sample i in
-epoch e come from generators seeded with (seed, e). Nothing depends on the rank, the world
+Randomness is counter-based: the shuffle of epoch e comes from a generator seeded with
+(seed, e, 0), and each augmentation op draws sample i's parameters for epoch e from its own
+stream (seed, e, op), see augment.py. Nothing depends on the rank, the world
 size or how far a previous process got, which is what makes resume exact and makes 2
 processes with batch B/2 see the same samples as 1 process with batch B.
 """
@@ -26,7 +27,7 @@ import torch
 from toolkit import UserError
 from toolkit.config import DataConfig
 from toolkit.core import images
-from toolkit.train.augment import augment, crop_flip
+from toolkit.train.augment import EpochAugment, stream
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,6 @@ def sample_images(split: Split, cfg: DataConfig, indices) -> tuple[torch.Tensor,
 # --- batches ---------------------------------------------------------------------------------
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
-    g = torch.Generator()
-    g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # well mixed, stable across Python versions
-    return g
-
-
 class TrainPlan:
     """Which sample indices each process trains on, batch by batch, in each epoch.
 
@@ -198,19 +192,13 @@ class TrainPlan:
             )
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=_generator(self.seed, epoch, 0))
+        return torch.randperm(self.n, generator=stream(self.seed, epoch, 0))
 
     def batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
         """Index batches of this process for `epoch`, from batch `start` on."""
         mine = self.permutation(epoch)[: self.per_rank * self.world][self.rank :: self.world]
         b = self.batch_size
         return [mine[k * b : (k + 1) * b] for k in range(start, self.num_batches)]
-
-    def augment_params(self, epoch: int, pad: int) -> torch.Tensor:
-        """(N, 3) int64 per-sample crop offsets dy, dx in [0, 2*pad] and a flip bit, for `epoch`."""
-        g = _generator(self.seed, epoch, 1)
-        return torch.cat([torch.randint(0, 2 * pad + 1, (self.n, 2), generator=g),
-                          torch.randint(0, 2, (self.n, 1), generator=g)], 1)
 
 
 def eval_shards(n: int, world: int, rank: int, batch_size: int) -> list[torch.Tensor]:
@@ -296,15 +284,17 @@ class BatchSource:
                 generator=torch.Generator(),  # its own: never draw from the global RNG (exact resume)
             )
 
-    def __call__(self, batches: list[torch.Tensor], aug: tuple | None = None):
-        """Yield (x, y) per index batch; aug = (params table from TrainPlan.augment_params, pad, flip)."""
+    def __call__(self, batches: list[torch.Tensor], aug: EpochAugment | None = None):
+        """Yield (x, y) per index batch, augmented by `aug` (this epoch's, from Augment.for_epoch)."""
         if self.loader is None:
             for idx in batches:
                 dev_idx = idx.to(self.device, non_blocking=True)
-                x = crop_flip(self.images, dev_idx, aug[0][idx], aug[1], aug[2]) if aug else self.images[dev_idx]
-                yield x, self.labels[dev_idx]
+                if aug:  # the fast path: crop and flip fused into the gather from the dataset tensor
+                    yield aug.take(self.images, dev_idx, idx, self.labels[dev_idx])
+                else:
+                    yield self.images[dev_idx], self.labels[dev_idx]
             return
         self.sampler.current = batches
         for idx, (x, y) in zip(batches, self.loader):
-            x = x.to(self.device, non_blocking=True)
-            yield (augment(x, aug[0][idx], aug[1], aug[2]) if aug else x), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield aug(x, idx, y) if aug else (x, y)

@@ -31,6 +31,7 @@ from toolkit.config import Config
 from toolkit.core.meta import Meta
 from toolkit.core.metrics import metrics_record
 from toolkit.core.progress import progress_bar
+from toolkit.train.augment import Augment
 from toolkit.train.models import create_model
 from toolkit.train.optim import build_optimizer, lr_at
 from toolkit.train.state import TrainState
@@ -79,6 +80,7 @@ class Run:
     val_shards: list[torch.Tensor]
     meta: Meta
     criterion: nn.Module
+    augment: Augment | None
     total_steps: int
 
 
@@ -129,6 +131,7 @@ def _set_up(cfg: Config) -> Run:
               meta=Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
                         resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash()),
               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),  # ignores label -100
+              augment=Augment.from_config(cfg.data, cfg.seed),
               total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs)
     if accelerator.is_main_process:
         rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None)
@@ -184,9 +187,7 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
     start, seen = time.perf_counter(), 0
     loss_sum = torch.tensor(st.epoch_loss if main else 0.0, device=device)
     nonfinite = torch.zeros((), device=device)  # non-finite losses since the last step, this process
-    pad = cfg.data.crop_padding if cfg.data.augment else 0
-    flip = cfg.data.hflip and cfg.data.augment
-    aug = (run.plan.augment_params(epoch, max(pad, 1)), pad, flip) if pad or flip else None
+    aug = run.augment.for_epoch(epoch, run.plan.n) if run.augment else None
     batches = run.plan.batches(epoch, st.batch)
     bar = progress_bar(len(batches), f"epoch {epoch + 1}/{cfg.train.epochs}", main and cfg.train.progress)
     for k, (x, y) in enumerate(run.train_src(batches, aug), start=st.batch):
