@@ -119,7 +119,8 @@ def cmd_export(args) -> None:
 
     variant = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     out = export(args.checkpoint, args.output, data_dir=args.data, input_dtype=args.input, variant=variant,
-                 min_agreement=args.min_agreement)
+                 min_agreement=args.min_agreement, overwrite=args.overwrite, opset=args.opset,
+                 model_version=args.model_version)
     print(out)
 
 
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = add("export", cmd_export, "export weights to a verified ONNX file with embedded metadata",
             "toolkit export runs/quickstart -o exported/quickstart.onnx")
     x.add_argument("checkpoint", help=".safetensors file or run directory (its best.safetensors)")
-    x.add_argument("-o", "--output", help="default: exported/<run name>.onnx")
+    x.add_argument("-o", "--output", help="default: exported/<run name>.onnx; beside it <name>.json (report), "
+                                          "<name>.config.json and <name>.README.md (model card)")
     x.add_argument("--data", help="images for the checks and int8 calibration (default: the run's data)")
     x.add_argument("--input", choices=["float32", "uint8"], default="float32",
                    help="float32: NCHW RGB in [0, 1] (default); uint8: NCHW RGB 0..255")
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ), calibrated on training images")
     x.add_argument("--min-agreement", type=float, default=0.99,
                    help="refuse an fp16/int8 model whose top-1 agrees with fp32 on fewer validation images (0.99)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output and the files beside it")
+    x.add_argument("--opset", type=int, help="ONNX opset, e.g. 17 for an older runtime (default: the exporter's)")
+    x.add_argument("--model-version", type=int, default=1, help="the ONNX file's model_version (default 1)")
 
     r = add("predict", cmd_predict, "predict every image under a folder with an ONNX model",
             "toolkit predict exported/quickstart.onnx photos/ -o predictions.csv --topk 3")

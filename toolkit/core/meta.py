@@ -74,9 +74,11 @@ def read_meta(path) -> Meta:
     import struct
     from pathlib import Path
 
+    from toolkit.core.rundir import weights_file
+
     path = Path(path)
     if path.is_dir():
-        path = path / "best.safetensors"
+        path = weights_file(path)  # a run directory without weights says why
     if not path.is_file():
         raise UserError(f"no model at '{path}'")
     if path.suffix.lower() == ".onnx":

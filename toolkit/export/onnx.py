@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import toolkit.export.card as card
 import toolkit.export.variants as variants
 from toolkit import UserError, __version__
 from toolkit.core.meta import META_KEY, Meta
@@ -33,6 +34,7 @@ from toolkit.train.weights import build_model, weights_path
 log = logging.getLogger(__name__)
 CHECK_BATCHES = (1, 7, 64)  # a batch of one, an odd size, a full batch: catches fixed-batch exports
 LOGIT_RTOL = 1e-4  # fp32: max |logit difference| allowed, relative to max(1, largest |logit|)
+MIN_OPSET, MAX_OPSET = 13, 23  # --opset range offered; below 18 the graph is converted down by the exporter
 
 
 class ExportMismatch(UserError):
@@ -45,34 +47,52 @@ def exportable(model: nn.Module, meta: Meta, input_dtype: str = "float32") -> nn
     return nn.Sequential(Normalize(meta.mean, meta.std, scale=scale), model).eval()
 
 
-def to_onnx(module: nn.Module, meta: Meta, path: Path, input_dtype: str = "float32") -> None:
-    """Trace `module` to ONNX at `path` with a dynamic batch axis."""
+def to_onnx(module: nn.Module, meta: Meta, path: Path, input_dtype: str = "float32", opset: int | None = None) -> None:
+    """Trace `module` to ONNX at `path` with a dynamic batch axis; `opset` None = the exporter's default."""
     dtype = torch.float32 if input_dtype == "float32" else torch.uint8
     example = torch.zeros(2, 3, meta.image_size, meta.image_size, dtype=dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, (example,), None, dynamo=True, verbose=False, input_names=[meta.input_name],
+                module, (example,), None, dynamo=True, verbose=False, input_names=[meta.input_name], opset_version=opset,
                 output_names=[meta.output_name], dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
             program.save(str(path), external_data=False)
         except Exception as e:  # some third-party models only trace with the TorchScript exporter
             log.warning("dynamo export failed (%s); using the TorchScript exporter", str(e).splitlines()[0][:200])
             torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[meta.input_name],
-                              output_names=[meta.output_name], opset_version=17,
+                              output_names=[meta.output_name], opset_version=opset or 17,
                               dynamic_axes={meta.input_name: {0: "batch"}, meta.output_name: {0: "batch"}})
 
 
-def embed_meta(path: Path, meta: Meta) -> int:
-    """Write `meta` into the file's metadata_props and run the full checker; returns the opset."""
+def flat_metadata(meta: Meta) -> dict[str, str]:
+    """The Meta's input contract as flat metadata keys (strings as they are, numbers and lists as JSON), for
+    tools that show key/value pairs (Netron, other runtimes) and do not read the versioned record under META_KEY."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in {
+        "class_names": meta.class_names, "num_classes": meta.num_classes, "image_size": meta.image_size,
+        "input_size": [meta.channels, meta.image_size, meta.image_size], "resize": meta.resize, "mean": meta.mean,
+        "std": meta.std, "input_dtype": meta.input_dtype, "layout": meta.layout,
+        "normalize_in_graph": meta.normalize_in_graph, "architecture": meta.arch}.items()}
+
+
+def embed_meta(path: Path, meta: Meta, model_version: int = 1) -> int:
+    """Write `meta` (the versioned JSON and flat keys), a doc_string and model_version into the file; run the
+    full checker; returns the opset."""
     import onnx
 
     model = onnx.load(str(path))
     meta.extra["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {META_KEY: meta.to_json()})
+    onnx.helper.set_model_props(model, {META_KEY: meta.to_json(), **flat_metadata(meta)})
     model.producer_name, model.producer_version = "toolkit", __version__
+    model.model_version = model_version
+    model.doc_string = (f"{meta.arch} image classifier, {meta.num_classes} classes; input '{meta.input_name}' "
+                        f"(batch, 3, {meta.image_size}, {meta.image_size}) {meta.input_dtype} RGB "
+                        f"{'in [0, 1]' if meta.input_dtype == 'float32' else '0..255'}, {meta.resize} resize, "
+                        f"normalisation inside the graph; output '{meta.output_name}' (batch, {meta.num_classes}) "
+                        f"logits. Classes and preprocessing: metadata keys {META_KEY} (versioned JSON), class_names, "
+                        "mean, std, resize, image_size.")
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return meta.extra["opset"]
@@ -108,14 +128,29 @@ def _fill(pixels: np.ndarray, n: int) -> np.ndarray:
 
 
 def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: str | None = None,
-           input_dtype: str = "float32", variant: str = "fp32", min_agreement: float = 0.99) -> Path:
-    """Export `checkpoint` (a .safetensors file or run directory) to a checked ONNX file; returns its path."""
+           input_dtype: str = "float32", variant: str = "fp32", min_agreement: float = 0.99, overwrite: bool = False,
+           opset: int | None = None, model_version: int = 1) -> Path:
+    """Export `checkpoint` (a .safetensors file or run directory) to a checked ONNX file; returns its path.
+
+    Beside it: <name>.json (the export report), <name>.config.json (preprocessing in timm's pretrained_cfg
+    vocabulary) and <name>.README.md (the model card). Raises UserError when any of them exists and not
+    `overwrite`, and ExportMismatch when a check fails (nothing is written then).
+    """
     if variant not in variants.VARIANTS:
         raise UserError(f"unknown variant '{variant}'; choose one of {', '.join(variants.VARIANTS)}")
     if input_dtype not in ("float32", "uint8"):
         raise UserError(f"--input must be float32 or uint8; got '{input_dtype}'")
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}; got {opset}")
     model, meta = build_model(checkpoint)
     out = Path(output) if output else default_output(checkpoint, variant)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"output '{out}' must end in .onnx")
+    existing = [p for p in [out, out.with_suffix(".json"), *card.sidecars(out)] if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"'{existing[0]}' already exists; --overwrite replaces it (and the files beside it), "
+                        "or choose another -o")
+    command = card.export_command(checkpoint, out, data_dir, input_dtype, variant, min_agreement, opset, model_version)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
@@ -128,7 +163,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
     tmp32 = out.with_name(f".{out.name}.fp32-{os.getpid()}.onnx")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.onnx")
     try:
-        to_onnx(module, meta, tmp32, input_dtype)
+        to_onnx(module, meta, tmp32, input_dtype, opset)
         bar.update()
         fp32 = variants.session(tmp32)
         check = parity(module, fp32, _fill(data.val, max(CHECK_BATCHES)), input_dtype)
@@ -158,22 +193,32 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
             log.info("%s vs fp32 on %d validation images: top-1 agreement %.2f%% (required %.2f%%)", variant,
                      len(data.val), 100 * drift["top1_agreement"], 100 * min_agreement)
             if drift["top1_agreement"] < min_agreement:
+                accuracy = ""
+                if data.labels is not None:  # what the user weighs: how much accuracy the smaller model gives up
+                    accuracy = (f"; its accuracy is {100 * _accuracy(final_logits, data.labels):.2f}% against fp32's "
+                                f"{100 * _accuracy(fp32_logits, data.labels):.2f}% on these labelled images")
                 raise ExportMismatch(f"the {variant} model agrees with fp32 on only {100 * drift['top1_agreement']:.2f}% "
                                      f"of {len(data.val)} validation images (required {100 * min_agreement:.2f}%, "
-                                     f"--min-agreement); nothing was written")
+                                     f"--min-agreement){accuracy}; nothing was written")
             bar.update()
         meta.extra.update(variant=variant, parity={k: check[k] for k in ("max_logit_diff", "top1_agreement")},
                           exporter=f"torch {torch.__version__}")
-        opset = embed_meta(tmp, meta)
+        opset = embed_meta(tmp, meta, model_version)
         os.replace(tmp, out)
     finally:
         tmp32.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
     report = _report(out, meta, opset, check, drift, data, torch_logits, final_logits, input_dtype, checkpoint)
+    sidecars = card.write_sidecars(out, meta, json.loads(report.read_text()), command, weights_path(checkpoint))
     bar.update()
     bar.close()
-    log.info("wrote %s (%.1f KB, %s) and %s", out, out.stat().st_size / 1024, variant, report)
+    log.info("wrote %s (%.1f KB, %s) and %s", out, out.stat().st_size / 1024, variant,
+             ", ".join(str(p) for p in [report, *sidecars]))
     return out
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0
 
 
 def _drift(fp32, candidate, fp32_logits: np.ndarray, got: np.ndarray, pixels: np.ndarray, input_dtype: str) -> dict:
@@ -193,7 +238,7 @@ def _report(out: Path, meta: Meta, opset: int, check: dict, drift: dict, data: C
     import onnxruntime as ort
 
     def accuracy(logits):
-        return float((logits.argmax(1) == data.labels).mean()) if data.labels is not None else None
+        return _accuracy(logits, data.labels) if data.labels is not None else None
 
     report = {
         "model": str(out), "variant": meta.extra["variant"], "checkpoint": str(weights_path(checkpoint)),

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from toolkit import UserError
+from toolkit.core.rundir import STATE_DONE
 from toolkit.train.weights import assert_finite, check_finite, clean_state_dict
 
 log = logging.getLogger(__name__)
 
-DONE = "done.json"
+DONE = STATE_DONE
 
 
 @dataclass

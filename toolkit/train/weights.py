@@ -15,6 +15,7 @@ from torch import nn
 
 from toolkit import UserError
 from toolkit.core.meta import META_KEY, Meta
+from toolkit.core.rundir import weights_file
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 
@@ -57,17 +58,12 @@ def save_weights(model: nn.Module, meta: Meta, path: str | Path) -> None:
     """Write the model's fp32 weights and `meta` to `path` (atomically; never NaN/Inf)."""
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in clean_state_dict(model.state_dict()).items()}
     assert_finite(state, str(path))
-    _atomic_save_file(state, Path(path), {META_KEY: meta.to_json()})
+    _atomic_save_file(state, Path(path), {META_KEY: meta.to_json(), "format": "pt"})  # "pt": what HF loaders expect
 
 
 def weights_path(path: str | Path) -> Path:
-    """A .safetensors file, or a run directory (-> its best.safetensors)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.safetensors"
-    if not path.is_file():
-        raise UserError(f"no weights at '{path}'; give a .safetensors file or a run directory")
-    return path
+    """A .safetensors file, or a run directory (-> its best.safetensors, or an error saying why it has none)."""
+    return weights_file(path)
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Meta]:
