@@ -74,7 +74,7 @@ def read_meta(path) -> Meta:
     import struct
     from pathlib import Path
 
-    from toolkit.core.rundir import weights_file
+    from toolkit.core.checkpoint import weights_file
 
     path = Path(path)
     if path.is_dir():

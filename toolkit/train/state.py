@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from toolkit import UserError
-from toolkit.core.rundir import STATE_DONE
+from toolkit.core.checkpoint import STATE_DONE
 from toolkit.train.weights import assert_finite, check_finite, clean_state_dict
 
 log = logging.getLogger(__name__)

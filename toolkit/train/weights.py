@@ -15,7 +15,7 @@ from torch import nn
 
 from toolkit import UserError
 from toolkit.core.meta import META_KEY, Meta
-from toolkit.core.rundir import weights_file
+from toolkit.core.checkpoint import weights_file
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 

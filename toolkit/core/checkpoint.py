@@ -1,4 +1,4 @@
-"""A run directory as the later stages see it: its release weights, or why there are none yet.
+"""A checkpoint argument (a .safetensors file or a run directory) -> its weights file, or why there is none.
 
 Torch-free (export, evaluate, inspect and report all take a run directory). A run writes
 best.safetensors at its first evaluation; before that the user needs to know that no epoch
