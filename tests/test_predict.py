@@ -105,8 +105,10 @@ def test_every_file_gets_one_row_with_the_right_answer(onnx_file, corpus, tmp_pa
         if not r["error"]:
             px = images.load(root / r["path"], 32)[None]
             assert clf.meta.class_names[int(clf.logits(px).argmax())] == r["label"], r["path"]
-            scores = [float(r[f"top{k}_score"]) for k in (1, 2, 3)]
-            assert r["label"] == r["top1_label"] and scores == sorted(scores, reverse=True)
+            scores = [r["score"], r["top2_score"], r["top3_score"]]
+            assert scores == sorted(scores, reverse=True) and len({r["label"], r["top2_label"], r["top3_label"]}) == 3
+            probs = clf.probabilities(px)[0]
+            assert r["score"] == round(float(probs.max()), 6)
     assert _fingerprint(root) == before  # input files are never modified
 
 
@@ -144,6 +146,30 @@ def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
         if not a["error"]:
             assert float(a["score"]) == b["score"] == c["score"]
     assert not (tmp_path / "p.parquet.partial.jsonl").exists()
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_csv_json_lines_and_parquet_have_the_same_columns_and_types(onnx_file, corpus, tmp_path, topk):
+    pq = pytest.importorskip("pyarrow.parquet")
+    root, expected = corpus
+    want = ["path", "label", "score", "error"] + [f"top{k}_{f}" for k in range(2, topk + 1) for f in ("label", "score")]
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        predict(onnx_file, root, tmp_path / f"p{suffix}", topk=topk)
+    csv_header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    jsonl = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    parquet = pq.read_table(tmp_path / "p.parquet")
+    assert csv_header == want and parquet.column_names == want and all(list(r) == want for r in jsonl)
+    assert [str(parquet.schema.field(c).type) for c in want] == ["double" if c.endswith("score") else "string"
+                                                                 for c in want]
+    table_types = {c.name: c.type for c in table.columns(topk)}
+    assert list(table_types) == want
+    for r in jsonl:  # the JSON values have the schema's types: strings never null, scores null only on errors
+        for c, v in r.items():
+            ok = isinstance(v, table_types[c]) or (table_types[c] is float and v is None and r["error"] != "")
+            assert ok, (c, v, r)
+    rows = parquet.to_pylist()
+    assert rows == jsonl == _rows(tmp_path / "p.csv")  # the same rows, typed the same, in all three
+    assert sum(1 for r in rows if r["error"]) == len(expected)
 
 
 def test_an_existing_output_is_never_overwritten_silently(onnx_file, shapes_dir, tmp_path):

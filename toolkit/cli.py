@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", default="predictions.csv",
                    help=".csv, .jsonl or .parquet (with pyarrow); default predictions.csv")
     r.add_argument("--batch-size", type=int, default=128)
-    r.add_argument("--topk", type=int, default=1, help="also write the k best classes and probabilities")
+    r.add_argument("--topk", type=int, default=1, help="write the k best classes: label,score (the best) then top2_label,top2_score ... topK_*")
     r.add_argument("--resume", action="store_true", help="continue an interrupted output (same model and folder)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
     r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",

@@ -26,7 +26,7 @@ def merge_parts(parts: list[Path], out: Path, topk: int) -> Iterator[dict]:
 
     Yields each merged row (for the summary) while writing `out`; reads every part sequentially.
     """
-    readers = [read_rows(p) for p in parts]
+    readers = [read_rows(p, topk) for p in parts]
     writer = RowWriter(out, topk, resume=False)
     writer.open()
     batch: list[dict] = []
@@ -102,7 +102,7 @@ def prepare(out: Path, sidecar: Path, target: Path, rank: int, resume: bool, ove
     marker_path(target).unlink(missing_ok=True)
 
 
-def merge(out: Path, final_rows: Path, fmt: str, world: int, run: dict, root: Path) -> Tally:
+def merge(out: Path, final_rows: Path, fmt: str, world: int, run: dict, root: Path, topk: int) -> Tally:
     """Main process: wait for every part of this run, check it is whole, interleave them, remove the parts."""
     total = sum(1 for _ in iter_images(root))
     parts = [part_path(out, fmt, r, world) for r in range(world)]
@@ -121,7 +121,7 @@ def merge(out: Path, final_rows: Path, fmt: str, world: int, run: dict, root: Pa
         if m["rows"] != n:
             raise UserError(f"process {r} answered {m['rows']} files, expected {n}: did the folder change during the run?")
     tally = Tally()
-    for row in merge_parts(parts, final_rows, run["topk"]):
+    for row in merge_parts(parts, final_rows, topk):
         tally.add(row)
     if tally.rows != total:
         raise UserError(f"the merged output has {tally.rows} rows for {total} files; the parts are kept for a look")

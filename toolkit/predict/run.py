@@ -28,31 +28,13 @@ from toolkit.predict.runtime import OnnxClassifier, validate_model
 log = logging.getLogger(__name__)
 
 
-def rows_for(batch: images.Batch, probs: np.ndarray, classes: list[str], topk: int) -> list[dict]:
-    """One row per file of the batch, in order; decoded files take their probabilities in order."""
-    blank = {f"top{k}_{f}": "" for k in range(1, topk + 1) for f in ("label", "score")} if topk > 1 else {}
-    best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
-    rows, j = [], 0
-    for i, rel in enumerate(batch.paths):
-        if not batch.ok[i]:
-            rows.append({"path": rel, "label": "", "score": "", "error": batch.errors[i], **blank})
-            continue
-        p, order = probs[j], best[j]
-        j += 1
-        row = {"path": rel, "label": classes[order[0]], "score": round(float(p[order[0]]), 6), "error": ""}
-        if topk > 1:
-            for k, c in enumerate(order, 1):
-                row[f"top{k}_label"], row[f"top{k}_score"] = classes[c], round(float(p[c]), 6)
-        rows.append(row)
-    return rows
-
-
 _SESSIONS: dict[str, OnnxClassifier] = {}  # per process: each decode worker loads the model once
 
 
 def _rows(clf: OnnxClassifier, batch: images.Batch, topk: int) -> list[dict]:
     probs = clf.probabilities(batch.pixels) if len(batch.pixels) else np.zeros((0, clf.meta.num_classes))
-    return rows_for(batch, probs, clf.meta.class_names, topk)
+    errors = ["" if ok else batch.errors.get(i) or "unreadable" for i, ok in enumerate(batch.ok)]
+    return table.rows_for(batch.paths, errors, probs, clf.meta.class_names, topk)
 
 
 def _load_session(model: str, fallback: dict | None) -> None:
@@ -132,19 +114,20 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             return record["summary"]
         parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tally = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers, threads,
-                              device, batch_size, max_pixels, fallback, sidecar if rank == 0 and not record else None)
+        tally, topk = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers,
+                                    threads, device, batch_size, max_pixels, fallback,
+                                    sidecar if rank == 0 and not record else None)
         if world > 1:
             parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
             if rank != 0:
                 return tally.summary(target)
-            tally = parts.merge(out, final_rows, fmt, world, run, root)
+            tally = parts.merge(out, final_rows, fmt, world, run, root, topk)
         if grid:
             from toolkit.core.pictures import predictions_grid
 
-            predictions_grid(root, list(itertools.islice(table.read_rows(final_rows), grid_count)), grid)
+            predictions_grid(root, list(itertools.islice(table.read_rows(final_rows, topk), grid_count)), grid)
         if fmt == "parquet":
-            table.to_parquet(final_rows, out)
+            table.to_parquet(final_rows, out, topk)
         summary = tally.summary(out)
         parts.write_json(sidecar, {**run, "complete": True, "summary": summary})
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
@@ -154,8 +137,9 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
 
 def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
                   resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
-                  new_record: Path | None) -> table.Tally:
-    """This process's share of the files, answered into `target` (continuing it when resuming)."""
+                  new_record: Path | None) -> tuple[table.Tally, int]:
+    """This process's share of the files, answered into `target` (continuing it when resuming).
+    -> (tally, the top-k the rows have: --topk, at most the number of classes)."""
     from toolkit.core.progress import progress_bar
 
     model = run["model"]
@@ -198,6 +182,6 @@ def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, lo
             bar.close()
             writer.close()
             _SESSIONS.clear()
-    return tally
+    return tally, topk
 
 

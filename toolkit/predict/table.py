@@ -1,10 +1,16 @@
-"""Prediction tables: CSV or JSON Lines written row by row, resumable after a crash, merged from parts.
+"""The prediction table: its columns and their types (defined once, here), the one function that
+builds its rows, and the writers: CSV or JSON Lines row by row, resumable after a crash, and Parquet.
+
+Columns: path, label, score, error, then top2_label, top2_score, ... topK_* with --topk K.
+label and score are the top class and its probability (top1); string columns hold "" when empty
+(label of an error row, error of an ok row) and float columns hold null (CSV: an empty field).
+Every writer and reader takes the columns and types from `columns()`, so a new column is one edit.
 
 Every batch of rows is written with one write() and flushed, so a crash (even SIGKILL) can
 only cut the last record short. `resume` reads the existing rows back, cuts a torn last
 record away, and hands the rows to the caller to check against the files they answer.
 Parquet output is staged as JSON Lines (resumable) and converted when the run completes.
-numpy-free, torch-free.
+torch-free.
 """
 
 from __future__ import annotations
@@ -14,21 +20,60 @@ import io
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from toolkit import UserError
 
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+SCORE_DECIMALS = 6  # probabilities are rounded to this many decimals in every format
 
 
-def columns(topk: int) -> list[str]:
-    cols = ["path", "label", "score", "error"]
-    for k in range(1, topk + 1) if topk > 1 else ():
-        cols += [f"top{k}_label", f"top{k}_score"]
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: type  # str: never null, "" when empty; float: null when absent
+
+    @property
+    def empty(self):
+        return "" if self.type is str else None
+
+    def parse(self, value):
+        """A value read back from CSV (text) or JSON Lines (typed) -> this column's type."""
+        if self.type is float:
+            return None if value in ("", None) else float(value)
+        return "" if value is None else str(value)
+
+
+def columns(topk: int) -> list[Column]:
+    """The columns, in order, of a table with `topk` classes per row."""
+    cols = [Column("path", str), Column("label", str), Column("score", float), Column("error", str)]
+    for k in range(2, topk + 1):
+        cols += [Column(f"top{k}_label", str), Column(f"top{k}_score", float)]
     return cols
+
+
+def rows_for(paths: list[str], errors: list[str], probs: np.ndarray, classes: list[str], topk: int) -> list[dict]:
+    """One row per file, in order: errors[i] is "" for a decoded file, which takes the next row of
+    `probs` ((decoded, C) float probabilities), else the reason the file could not be used."""
+    cols = columns(topk)
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    rows, j = [], 0
+    for path, error in zip(paths, errors):
+        row = {c.name: c.empty for c in cols}
+        row["path"], row["error"] = path, error
+        if not error:
+            for k, c in enumerate(best[j], 1):
+                prefix = f"top{k}_" if k > 1 else ""
+                row[prefix + "label"], row[prefix + "score"] = classes[c], round(float(probs[j, c]), SCORE_DECIMALS)
+            j += 1
+        rows.append(row)
+    return rows
 
 
 def format_of(path: Path) -> str:
@@ -49,7 +94,8 @@ def staging_path(path: Path) -> Path:
 
 
 def _records(path: Path, fmt: str) -> Iterator[tuple[dict, int]]:
-    """(row, byte offset just after it) for each complete record; a torn last record is not yielded."""
+    """(raw row, byte offset just after it) for each complete record; a torn last record is not yielded.
+    CSV yields its header first as {"__header__": names}."""
     with open(path, "rb") as f:
         offset = 0
         if fmt == "jsonl":
@@ -92,6 +138,7 @@ class RowWriter:
 
     def __init__(self, path: Path, topk: int, resume: bool):
         self.path, self.columns = path, columns(topk)
+        self.names = [c.name for c in self.columns]
         self.jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
         self.resume = resume and path.exists() and path.stat().st_size > 0
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +150,12 @@ class RowWriter:
             return
         for row, offset in _records(self.path, "jsonl" if self.jsonl else "csv"):
             self.end = offset
-            if "__header__" in row:
-                if row["__header__"] != self.columns:
-                    raise UserError(f"'{self.path}' has columns {','.join(row['__header__'])}; this run writes "
-                                    f"{','.join(self.columns)} (same --topk as before?)")
-                continue
-            yield row
+            names = row.get("__header__", list(row))
+            if names != self.names:
+                raise UserError(f"'{self.path}' has columns {','.join(names)}; this run writes "
+                                f"{','.join(self.names)} (same --topk as before?)")
+            if "__header__" not in row:
+                yield _typed(row, self.columns)
 
     def open(self) -> None:
         if self.resume:
@@ -116,18 +163,20 @@ class RowWriter:
                 f.truncate(self.end)  # drop a torn last record
         # surrogateescape: a file name that is not UTF-8 is written back as its own bytes
         self.file = open(self.path, "a" if self.resume else "w", newline="", encoding="utf-8", errors="surrogateescape")
-        if not self.jsonl:
-            self.csv = csv.writer(self.file)
-            if not self.resume or self.end == 0:
-                self.csv.writerow(self.columns)
+        if not self.jsonl and (not self.resume or self.end == 0):
+            csv.writer(self.file).writerow(self.names)
         self.file.flush()
 
     def write(self, rows: list[dict]) -> None:
+        """Write rows holding exactly this table's columns (as rows_for makes them)."""
         buf = io.StringIO(newline="")
+        for row in rows:
+            if list(row) != self.names:
+                raise ValueError(f"row columns {list(row)} are not the table's {self.names}")
         if self.jsonl:
             buf.write("".join(json.dumps(r) + "\n" for r in rows))
-        else:
-            csv.writer(buf).writerows([[r.get(c, "") for c in self.columns] for r in rows])
+        else:  # None (an absent score) is an empty field
+            csv.writer(buf).writerows([["" if v is None else v for v in r.values()] for r in rows])
         self.file.write(buf.getvalue())  # one write per batch: a crash can tear at most the last record
         self.file.flush()
 
@@ -135,51 +184,49 @@ class RowWriter:
         self.file.close()
 
 
-def read_rows(path: Path) -> Iterator[dict]:
+def _typed(row: dict, cols: list[Column]) -> dict:
+    return {c.name: c.parse(row.get(c.name)) for c in cols}
+
+
+def read_rows(path: Path, topk: int | None = None) -> Iterator[dict]:
+    """The rows of a CSV or JSON Lines table, typed per `columns(topk)` (topk None: from the columns found)."""
     fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+    cols = columns(topk) if topk else None
     for row, _ in _records(path, fmt):
+        names = row.get("__header__", list(row))
+        cols = cols or columns(sum(1 for n in names if n.endswith("_label")) + 1)
         if "__header__" not in row:
-            yield row
+            yield _typed(row, cols)
 
 
-def to_parquet(staged: Path, out: Path, chunk: int = 50_000) -> None:
-    """Convert the staged JSON Lines to Parquet in chunks (bounded memory), then remove the staging file."""
+def to_parquet(staged: Path, out: Path, topk: int, chunk: int = 50_000) -> None:
+    """Convert the staged JSON Lines to Parquet in chunks (bounded memory), then remove the staging file.
+    Column types come from `columns(topk)`: str -> string, float -> float64 (nullable)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    cols = columns(topk)
+    schema = pa.schema([(c.name, pa.float64() if c.type is float else pa.string()) for c in cols])
     tmp = out.with_name(f".{out.name}.tmp")
-    cols = None
-    writer, rows = None, []
-
-    def flush():
-        nonlocal writer, rows
-        schema = pa.schema([(c, pa.float64() if c.endswith("score") else pa.string()) for c in cols])
-        if writer is None:
-            writer = pq.ParquetWriter(str(tmp), schema)
-        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-        rows = []
 
     def text(v):  # Arrow strings must be valid UTF-8: undecodable file-name bytes become \xNN
         return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if isinstance(v, str) else v
 
+    writer = pq.ParquetWriter(str(tmp), schema)
     try:
-        for row in read_rows(staged):
-            cols = cols or list(row)
-            rows.append({k: (None if v == "" else text(v)) for k, v in row.items()})
+        rows = []
+        for row in read_rows(staged, topk):
+            rows.append({k: text(v) for k, v in row.items()})
             if len(rows) >= chunk:
-                flush()
-        if cols is None:
-            cols = columns(1)
-        if rows or writer is None:
-            flush()
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                rows = []
+        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
         writer.close()
         tmp.replace(out)
     finally:
+        writer.close()
         tmp.unlink(missing_ok=True)
     staged.unlink()
-
-
-
 
 
 class Tally:
@@ -201,5 +248,3 @@ class Tally:
     def summary(self, output: Path) -> dict:
         return {"ok": sum(self.labels.values()), "failed": sum(self.errors.values()), "output": str(output),
                 "per_class": dict(sorted(self.labels.items())), "errors": dict(self.errors.most_common())}
-
-
