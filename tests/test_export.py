@@ -236,3 +236,39 @@ def test_a_foreign_model_with_another_layout_is_refused(tmp_path):
     fallback = {"classes": ["a", "b", "c"], "size": None, "mean": None, "std": None, "resize": "center_crop"}
     with pytest.raises(UserError, match=r"input has shape \['n', 32, 32, 3\]; predict feeds \(batch, 3, height"):
         OnnxClassifier(tmp_path / "nhwc.onnx", fallback=fallback)
+
+
+@pytest.mark.parametrize("kind", ["shapes", "cifar10", "imagefolder"])
+def test_export_never_generates_or_downloads_the_runs_data(tiny_run, tmp_path, monkeypatch, kind):
+    """A run whose data is not on disk (exported from another folder, say) exports with random check pixels."""
+    import shutil
+
+    import torchvision
+    import yaml
+
+    from toolkit.train.datasets import shapes
+
+    calls = []
+
+    def refuse(*args, **kwargs):  # recorded: the loaders turn exceptions into warnings
+        calls.append(args)
+        raise AssertionError("export generated or downloaded data")
+
+    monkeypatch.setattr(shapes, "generate", refuse)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", refuse)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("state"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    missing = tmp_path / "elsewhere" / "data"
+    cfg["data"].update(kind=kind, root=str(missing), download=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = export.export(run, tmp_path / "m.onnx")
+    assert json.loads(out.with_suffix(".json").read_text())["validation"]["source"] == "random pixels"
+    assert not calls and not (tmp_path / "elsewhere").exists()  # nothing generated, downloaded or cached there
+
+
+def test_export_checks_on_the_runs_data_when_it_is_on_disk(tiny_run, shapes_dir, tmp_path):
+    out = export.export(tiny_run, tmp_path / "m.onnx")
+    validation = json.loads(out.with_suffix(".json").read_text())["validation"]
+    assert validation["source"] == f"shapes data at {shapes_dir}" and validation["images"] == 100
+    assert validation["torch_accuracy"] == validation["onnx_accuracy"]

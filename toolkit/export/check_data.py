@@ -1,7 +1,9 @@
-"""Real images for the export checks: from --data, or from the run's own data when it is on disk."""
+"""Real images for the export checks: from --data, or from the run's own data when it is already on disk
+(never generated or downloaded here), else random pixels with a warning."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +61,11 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
         from toolkit.train import data
 
         cfg = load_config(config)
-        try:
-            ds = data.load_dataset(cfg.data, cfg.seed)
+        try:  # what is on disk only: never generate (shapes) or download (cifar10) data here; streamed, so
+            # only the sampled images are decoded and no decode cache is written
+            ds = data.load_dataset(dataclasses.replace(cfg.data, cache="stream"), cfg.seed, make=False)
         except UserError as e:
-            log.warning("the run's data is not available for the export check (%s)", e)
+            log.warning("the run's data is not on disk for the export check (%s)", e)
         else:
             val, val_y = data.sample_images(ds.val, cfg.data, _spread(len(ds.val), MAX_EVAL_IMAGES))
             train, _ = data.sample_images(ds.train, cfg.data, _spread(len(ds.train), CALIBRATION_IMAGES))

@@ -16,6 +16,7 @@ processes with batch B/2 see the same samples as 1 process with batch B.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -117,14 +118,16 @@ def ensure_shapes(cfg: DataConfig, seed: int) -> None:
     bar.close()
 
 
-def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None) -> Dataset:
+def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: bool = True) -> Dataset:
     """Find, split and (for cache=memory, or auto when small enough) decode the dataset.
 
+    make: generate the built-in shapes data, or download CIFAR-10 (with data.download), when it is
+    missing; with make=False only data already on disk is read, else UserError names what is missing.
     Call under `accelerator.main_process_first()` so one process generates and caches.
     """
     if cfg.kind == "cifar10":
-        return _cifar10(cfg)
-    if cfg.kind == "shapes":
+        return _cifar10(cfg if make else dataclasses.replace(cfg, download=False))
+    if cfg.kind == "shapes" and make:
         ensure_shapes(cfg, seed)
     classes, tf, tl, vf, vl, val_dir = _split_folder(Path(cfg.root), cfg, seed)
     if not len(vf):
