@@ -1,5 +1,6 @@
 """Pictures and reports: each is a valid PNG of the expected size, and shows what it should."""
 
+import csv
 import json
 
 import numpy as np
@@ -47,6 +48,8 @@ def test_inspect_shows_the_numbers(shapes_dir):
     assert float(red[4]) == pytest.approx(x[..., 0].max(), abs=1e-3)
     proc = run_toolkit("inspect", path, check=False)
     assert proc.returncode == 0 and "tensor" in proc.stdout
+    assert "[0.485, 0.456, 0.406], std [0.229, 0.224, 0.225] (ImageNet statistics: no --model given" in proc.stdout
+    assert "(the model's)" in text and "ImageNet" not in text
     bad = run_toolkit("inspect", ROOT / "README.md", check=False)
     assert bad.returncode == 2 and "cannot be read as an image" in bad.stderr
 
@@ -83,13 +86,67 @@ def test_validation_grid_puts_mistakes_first(tmp_path):
     assert red(2) == red(3) == 0  # then the correct ones, in green
 
 
-def test_predict_grid(tiny_run, shapes_dir, tmp_path):
+def _caption_colours(img, tiles: int, columns: int, top: int) -> list[str]:
+    """'red', 'green' or 'ink' for the caption under each tile (its second line, where the two differ most)."""
+    a = np.asarray(img.convert("RGB")).astype(int)
+    found = []
+    for i in range(tiles):
+        x = 4 + (i % columns) * (pictures.TILE + 6)
+        y = top + (i // columns) * (pictures.TILE + pictures.CAPTION + 6) + pictures.TILE + 2
+        cap = a[y : y + pictures.CAPTION - 2, x : x + pictures.TILE]
+        red = ((cap[..., 0] > 150) & (cap[..., 1] < 100)).sum()
+        green = ((cap[..., 1] > 100) & (cap[..., 0] < 80) & (cap[..., 2] < 100)).sum()
+        found.append("red" if red > 5 else "green" if green > 5 else "ink")
+    return found
+
+
+def test_predict_grid_samples_every_class_and_colours_by_agreement(tiny_run, shapes_dir, tmp_path):
     from toolkit.export import export
 
     model = export(tiny_run, tmp_path / "m.onnx")
     run_toolkit("predict", model, shapes_dir / "val", "-o", tmp_path / "p.csv", "--grid", tmp_path / "g.png",
-                "--grid-count", "12")
-    assert _png(tmp_path / "g.png").size == _cell(8, 2)
+                "--grid-count", "10")
+    img = _png(tmp_path / "g.png")
+    assert img.size == (_cell(8, 2)[0], _cell(8, 2)[1] + 18)  # two title lines: what the colours mean
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    firsts = [next(r for r in rows if r["path"].startswith(c + "/")) for c in sorted({r["path"].split("/")[0]
+                                                                                      for r in rows})]
+    assert len(firsts) == 10  # 10 tiles over 10 class folders: one of each, the first of each folder
+    expected = ["green" if r["label"] == r["path"].split("/")[0] else "red" for r in firsts]
+    assert 0 < expected.count("green") < 10, "tiny_run should be right on some and wrong on others"
+    assert _caption_colours(img, 10, 8, 26 + 18) == expected
+
+
+def test_spread_sample_shares_places_among_folders_and_spreads_inside_them():
+    paths = [f"{c}/{i:03d}.png" for c in ("a", "b", "c") for i in range(100)] + ["d/0.png"]
+    chosen = list(pictures.spread_sample(iter(paths), 10)(iter(paths)))
+    picked = [paths[i] for i in chosen]
+    assert chosen == sorted(chosen) and len(chosen) == 10
+    assert [p.split("/")[0] for p in picked].count("d") == 1  # a small folder is shown too
+    assert {p.split("/")[0] for p in picked} == {"a", "b", "c", "d"}
+    a = [int(p[2:5]) for p in picked if p.startswith("a/")]
+    assert a == [0, 50, 99]  # spread from the first to the last file, not the first three
+    assert list(pictures.spread_sample(iter(paths[:5]), 32)(iter(paths[:5]))) == [0, 1, 2, 3, 4]
+
+
+def test_prediction_captions_say_why(tmp_path):
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "x.png")
+    classes = {"cat", "dog"}
+    row = {"path": "cat/x.png", "label": "dog", "score": 0.9, "error": ""}
+    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("dog 0.90", "in cat/", pictures.RED)
+    row = {"path": "dog/x.png", "label": "dog", "score": 0.9, "error": ""}
+    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("dog 0.90", "x.png", pictures.GREEN)
+    row = {"path": "holiday/x.png", "label": "dog", "score": 0.9, "error": ""}  # not a class folder: no verdict
+    assert pictures.prediction_tile(tmp_path, row, classes)[3] == pictures.INK
+
+
+def test_long_file_names_keep_their_end_and_titles_name_the_folder(tmp_path):
+    name = "IMG_2024_holiday_camera_roll_export_portrait_00042.jpg"
+    cut = pictures.fit_end(name)
+    assert cut.startswith("…") and cut.endswith("_00042.jpg") and len(cut) < len(name)
+    assert pictures.fit_end("a.png") == "a.png"
+    assert pictures.folder_title(tmp_path / "cifar10" / "train") == "cifar10/train"
+    assert pictures.folder_title(tmp_path / "photos") == "photos"
 
 
 def test_tensorboard_tracker(shapes_dir, tmp_path):

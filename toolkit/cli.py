@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: onnxruntime's choice)")
     r.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse larger images (decompression bombs), checked before decoding")
-    r.add_argument("--grid", help="also draw the first predictions (image, label, score) into this PNG")
+    r.add_argument("--grid", help="also draw predictions spread across the output into this PNG (captions coloured by "
+                                        "agreement with the class folder when INPUT has class subfolders)")
     r.add_argument("--grid-count", type=int, default=32, help="images in --grid (default 32)")
 
     for sp in (e, r):  # a model exported elsewhere, without toolkit metadata

@@ -1,13 +1,15 @@
 """Pictures people look at: grids of images with captions (PIL only, no torch, no matplotlib).
 
-`toolkit preview` shows a labelled folder class by class; `toolkit predict --grid` shows the
-first predictions; the training report shows validation images with predicted vs true labels.
+`toolkit preview` shows a labelled folder class by class; `toolkit predict --grid` shows
+predictions sampled across the whole output, coloured by agreement with their class folder when
+the folder is labelled; the training report shows validation images with predicted vs true labels.
 Small images are enlarged with nearest-neighbour so their pixels stay visible.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -28,9 +30,28 @@ def _font(size: int = 11):
 
 
 def _fit(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
+    """`text` cut at its end to fit `width` pixels (labels: their start tells them apart)."""
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     return text
+
+
+def fit_end(text: str, width: int = TILE, font=None) -> str:
+    """`text` cut at its start to fit `width` pixels: file names such as data_batch_1_00042.png differ at
+    their end, so the end is what a caption must keep ("…tch_1_00042.png")."""
+    font = font or _font(11)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text
+
+
+def folder_title(path: Path) -> str:
+    """A folder as a title names it, not its absolute path: 'cifar10/train', 'val', 'photos'."""
+    path = Path(path).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name in ("train", "val") and path.parent.name else path.name
 
 
 def grid(tiles: list[tuple[np.ndarray | None, str, str, tuple]], columns: int, title: str = "",
@@ -45,11 +66,12 @@ def grid(tiles: list[tuple[np.ndarray | None, str, str, tuple]], columns: int, t
     if row_labels:
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         margin = int(max(probe.textlength(label, font=font) for label in row_labels)) + 12
-    top = 26 if title else 4
+    top = 26 + 18 * title.count("\n") if title else 4  # a title may have several lines
     canvas = Image.new("RGB", (margin + columns * (TILE + 6) + 4, top + rows * (TILE + CAPTION + 6)), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((6, 5), title, fill=INK, font=title_font)
+        for k, line in enumerate(title.split("\n")):
+            draw.text((6, 5 + 18 * k), line, fill=INK, font=title_font)
     for r, label in enumerate(row_labels or []):
         draw.text((6, top + r * (TILE + CAPTION + 6) + TILE // 2 - 6), label, fill=INK, font=font)
     for i, (img, line1, line2, colour) in enumerate(tiles):
@@ -100,24 +122,74 @@ def preview(data_dir: str | Path, out: str | Path, per_class: int = 8) -> dict[s
     for i, c in enumerate(classes):
         idx = np.flatnonzero(labels == i)
         picked = idx[np.linspace(0, len(idx) - 1, min(per_class, len(idx))).astype(int)] if len(idx) else []
-        row = [(show(shown / paths[j]), Path(paths[j]).name, "", GREY) for j in picked]
+        row = [(show(shown / paths[j]), fit_end(Path(paths[j]).name), "", GREY) for j in picked]
         tiles += row + [(None, "", "", GREY)] * (per_class - len(row))
         row_labels.append(f"{c} ({labels.tolist().count(i)})")
-    title = f"{shown}: {len(paths)} images, {len(classes)} classes"
+    title = f"{folder_title(shown)}: {len(paths)} images, {len(classes)} classes (caption: file name)"
     grid(tiles, per_class, title, row_labels).save(out)
     return counts
 
 
-def predictions_grid(root: Path, rows: list[dict], out: str | Path, columns: int = 8) -> None:
-    """The given prediction rows as a grid: each image with its label and score, or its error."""
-    tiles = []
-    for row in rows:
-        if row["error"]:
-            tiles.append((None, Path(row["path"]).name, row["error"], RED))
-        else:
-            tiles.append((show(root / row["path"]), f"{row['label']} {float(row['score']):.2f}", Path(row["path"]).name,
-                          GREEN))
-    grid(tiles, min(columns, max(1, len(tiles))), f"first {len(rows)} predictions in {root}").save(out)
+def spread_sample(paths: Iterable[str], k: int) -> Callable[[Iterable[str]], Iterator[int]]:
+    """Choose k of the rows of a prediction table spread across the whole output, in two streaming passes.
+
+    Pass 1 (this call) counts the rows of each folder (the parent of each relative path); the k places
+    are shared out among the folders in turn (every class folder is shown when k allows) and spread
+    evenly inside each folder. Pass 2 (the returned function, given the same paths again) yields the
+    chosen row indices in output order. Memory: one counter per folder, whatever the number of rows.
+    """
+    counts: dict[str, int] = {}
+    for path in paths:
+        parent = str(Path(path).parent)
+        counts[parent] = counts.get(parent, 0) + 1
+    quota = dict.fromkeys(counts, 0)
+    left = min(k, sum(counts.values()))
+    while left:
+        for folder in counts:
+            if left and quota[folder] < counts[folder]:
+                quota[folder] += 1
+                left -= 1
+    picks = {f: set(np.linspace(0, counts[f] - 1, q).round().astype(int).tolist()) for f, q in quota.items() if q}
+
+    def chosen(paths_again: Iterable[str]) -> Iterator[int]:
+        seen = dict.fromkeys(counts, 0)
+        for i, path in enumerate(paths_again):
+            parent = str(Path(path).parent)
+            if seen.get(parent, 0) in picks.get(parent, ()):
+                yield i
+            seen[parent] = seen.get(parent, 0) + 1
+
+    return chosen
+
+
+def prediction_tile(root: Path, row: dict, classes: set[str]) -> tuple:
+    """One tile of the predictions grid. The caption is green when the prediction names the image's
+    folder, red when the folder is another class (with "in <folder>/"), ink when the folder is no class."""
+    name = fit_end(Path(row["path"]).name)
+    if row["error"]:
+        return None, name, row["error"], RED
+    folder = Path(row["path"]).parent.name
+    line1 = f"{row['label']} {float(row['score']):.2f}"
+    if folder not in classes:
+        return show(root / row["path"]), line1, name, INK
+    if row["label"] == folder:
+        return show(root / row["path"]), line1, name, GREEN
+    return show(root / row["path"]), line1, fit_end(f"in {folder}/"), RED
+
+
+def predictions_grid(root: Path, rows: list[dict], out: str | Path, classes: list[str] = (), total: int = 0,
+                     columns: int = 8) -> None:
+    """The given prediction rows as a grid: each image with its label and score, or its error.
+
+    `classes`: the model's class names; images in a folder named after a class get a caption coloured by
+    agreement with it (the title says so). `total`: the rows of the whole output, for the title.
+    """
+    known = set(classes)
+    tiles = [prediction_tile(Path(root), row, known) for row in rows]
+    title = f"{len(rows)} of {total or len(rows)} predictions in {folder_title(root)}, spread over the folder"
+    if any(Path(row["path"]).parent.name in known for row in rows):
+        title += "\ncaption: green = its folder's class, red = another class (folder below)"
+    grid(tiles, min(columns, max(1, len(tiles))), title).save(out)
 
 
 def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray,
@@ -138,6 +210,7 @@ def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray
 def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=None, std=None) -> str:
     """The tutorial's "an image is numbers" step: the file, its pixels, and the tensor a model sees."""
     path = Path(path)
+    model_stats = mean is not None
     mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
     std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
     try:
@@ -161,8 +234,9 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
         "  " + str(rgb[:4, :4, 0]).replace("\n", "\n  "),
         f"resized   {resize} to {size} x {size}: shape {x.shape}",
         f"tensor    (pixels / 255 - mean) / std, channels first: shape {tensor.shape}, dtype {tensor.dtype}",
-        f"          mean {[round(float(v), 3) for v in mean]}, std {[round(float(v), 3) for v in std]}; "
-        f"a batch of N is (N, 3, {size}, {size})",
+        f"          mean {[round(float(v), 3) for v in mean]}, std {[round(float(v), 3) for v in std]}"
+        + (" (the model's)" if model_stats else " (ImageNet statistics: no --model given; pass --model to use "
+           "the model's own)") + f"; a batch of N is (N, 3, {size}, {size})",
         "          channel     mean      std      min      max",
     ]
     for name, c in zip("RGB", tensor):

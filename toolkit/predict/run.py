@@ -86,7 +86,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             grid: str | Path | None = None, grid_count: int = 32) -> dict:
     """Predict every image file under `input_dir` into `output`; returns the summary (main process).
 
-    `grid`: also draw the first `grid_count` rows (image, label, score or error) into this PNG.
+    `grid`: also draw `grid_count` rows spread across the output (image, label, score or error) into this PNG.
     """
     root, out = Path(input_dir), Path(output)
     if not root.is_dir():
@@ -123,9 +123,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
                 return tally.summary(target)
             tally = parts.merge(out, final_rows, fmt, world, run, root, topk)
         if grid:
-            from toolkit.core.pictures import predictions_grid
-
-            predictions_grid(root, list(itertools.islice(table.read_rows(final_rows, topk), grid_count)), grid)
+            _draw_grid(root, final_rows, topk, grid, grid_count, tally.rows, model, fallback)
         if fmt == "parquet":
             table.to_parquet(final_rows, out, topk)
         summary = tally.summary(out)
@@ -133,6 +131,19 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
         raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
     return summary
+
+
+def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, total: int, model, fallback) -> None:
+    """--grid: grid_count rows spread across the whole output (two streaming passes over the table)."""
+    from toolkit.core.pictures import predictions_grid, spread_sample
+
+    def paths():
+        return (row["path"] for row in table.read_rows(rows_path, topk))
+
+    chosen = set(spread_sample(paths(), grid_count)(paths()))
+    rows = [row for i, row in enumerate(table.read_rows(rows_path, topk)) if i in chosen]
+    classes = OnnxClassifier(model, threads=1, fallback=fallback).meta.class_names  # as predicting read them
+    predictions_grid(root, rows, grid, classes, total=total)
 
 
 def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
