@@ -9,7 +9,7 @@ import torch
 
 from toolkit import UserError
 from toolkit.core import images
-from toolkit.core.meta import META_KEY, Meta
+from toolkit.core.meta import META_KEY, Meta, read_meta
 from toolkit.export import onnx as export
 from toolkit.train.data import Normalize
 from toolkit.train.weights import build_model
@@ -272,3 +272,53 @@ def test_export_checks_on_the_runs_data_when_it_is_on_disk(tiny_run, shapes_dir,
     validation = json.loads(out.with_suffix(".json").read_text())["validation"]
     assert validation["source"] == f"shapes data at {shapes_dir}" and validation["images"] == 100
     assert validation["torch_accuracy"] == validation["onnx_accuracy"]
+
+
+def _outlier_checkpoint(path, data_dir, factor: float):
+    """tutorial_net weights whose conv1 outputs are `factor` times larger and conv2 inputs `factor` times
+    smaller: the same fp32 function (ReLU and max-pool commute with a positive scale), activations ~factor."""
+    from toolkit.core.meta import Meta
+    from toolkit.train.models import create_model
+    from toolkit.train.weights import save_weights
+
+    torch.manual_seed(0)
+    net = create_model("tutorial_net", 2, 32)
+    with torch.no_grad():
+        net.conv1.weight *= factor
+        net.conv1.bias *= factor
+        net.conv2.weight /= factor
+    meta = Meta(arch="tutorial_net", class_names=["blue", "red"], image_size=32, resize="center_crop",
+                mean=[0.5] * 3, std=[0.25] * 3)
+    save_weights(net, meta, path)
+    return path
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e5])
+def test_fp16_is_verified_with_fp16_semantics(tmp_path, factor):
+    """Activations beyond 65504 pass onnxruntime's CPU check (it computes fp16 ops in fp32) but are
+    inf in real fp16: the nodes that touch them stay fp32, so the file is finite in fp16 arithmetic."""
+    import warnings
+
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from conftest import two_colours
+
+    data = two_colours(tmp_path / "data", n=8, size=32)
+    ckpt = _outlier_checkpoint(tmp_path / "w.safetensors", data, factor)
+    out = export.export(ckpt, tmp_path / "m.onnx", data_dir=str(data / "val"), variant="fp16", min_agreement=0.0)
+    verified = json.loads(out.with_suffix(".json").read_text())["variant_vs_fp32"]["verified_by"]
+    assert verified["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert ("range check" in verified["method"]) == (verified["provider"] == "CPUExecutionProvider")
+    assert (verified["max_abs_value"] > 65504) == (factor > 1) and bool(verified["nodes_kept_fp32"]) == (factor > 1)
+    assert read_meta(out).extra["verified_by"]["provider"] == verified["provider"]
+    px = np.stack([images.load(data / "val" / f, 32) for f in images.find_images(data / "val")])
+    x = px.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy reports an overflow itself
+        fp16 = ReferenceEvaluator(onnx.load(str(out))).run(None, {"input": x})[0]  # every op in its declared dtype
+    assert np.isfinite(fp16).all()
+    net, meta = build_model(ckpt)
+    with torch.no_grad():
+        ref = net(Normalize(meta.mean, meta.std)(torch.from_numpy(px).permute(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(fp16, ref, atol=0.02 * max(1.0, float(np.abs(ref).max())))
