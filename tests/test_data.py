@@ -259,3 +259,79 @@ def test_the_streaming_source_leaves_the_global_rng_alone(tmp_path):
     state = torch.get_rng_state()
     list(src([torch.arange(len(ds.train))]))
     assert torch.equal(torch.get_rng_state(), state)  # dropout after a resume draws what it would have drawn
+
+
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_only_folders_with_a_usable_training_image_are_classes(tmp_path, cache, caplog):
+    root = tmp_path / "d"
+    _folder(root / "train", {"a": 4, "b": 3, "broken": 0})
+    _folder(root / "val", {"a": 2, "b": 2, "broken": 1})
+    for i in range(2):
+        (root / "train" / "broken" / f"{i}.png").write_bytes(b"\x89PNG not really")  # no file decodes
+    (root / "train" / "__MACOSX" / "a").mkdir(parents=True)  # what unzip leaves from a Mac archive
+    (root / "train" / "__MACOSX" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "train" / "emptied").mkdir()
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}"])
+    with caplog.at_level("INFO", logger="toolkit"):
+        ds = data.load_dataset(cfg.data, seed=0)
+    assert ds.classes == ["a", "b"]
+    assert sorted(ds.train.labels.tolist()) == [0] * 4 + [1] * 3 and sorted(ds.val.labels.tolist()) == [0, 0, 1, 1]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not classes" in r.getMessage()]
+    assert len(warned) == 1  # one warning names them all, with the validation image they take along
+    assert all(name in warned[0] for name in ("__MACOSX", "emptied", "broken")) and "1 validation image" in warned[0]
+
+
+@pytest.mark.parametrize("names, used", [(["val"], "val"), (["valid"], "valid"), (["validation"], "validation"),
+                                         (["valid", "test"], "valid"), (["test"], "test")])
+def test_validation_folder_names(tmp_path, names, used, caplog):
+    root = tmp_path / "d"
+    _folder(root / "train", {"x": 6, "y": 6})
+    for i, name in enumerate(names):
+        _folder(root / name, {"x": 2 + i, "y": 2 + i})
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8"])
+    with caplog.at_level("INFO", logger="toolkit"):
+        ds = data.load_dataset(cfg.data, seed=0)
+    assert len(ds.train) == 12 and len(ds.val) == 4 + 2 * names.index(used)  # never a split of train/
+    assert ds.val_dir == str(root / used)
+    note = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: "))
+    assert note.startswith(f"validation: {root / used}/")
+    assert ("held out" in note) == ("test" in names and used != "test")
+
+
+def test_split_folders_are_never_classes_and_two_validation_folders_are_refused(tmp_path, caplog):
+    root = tmp_path / "d"
+    _folder(root, {"x": 5, "y": 5})  # root/<class>/ next to split folders
+    _folder(root / "valid", {"x": 2, "y": 2})
+    _folder(root / "test", {"x": 1, "y": 1})
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    assert ds.classes == ["x", "y"] and len(ds.train) == 10 and len(ds.val) == 4
+    _folder(root / "val", {"x": 1})
+    with pytest.raises(UserError, match="has val/ and valid/: keep one"):
+        data.load_dataset(cfg.data, seed=0)
+
+
+def test_no_image_files_is_an_error_naming_what_was_skipped(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        (tmp_path / "d" / cls / "notes.txt").write_text("x")
+        (tmp_path / "d" / cls / "scan.heic").write_bytes(b"x")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}"])
+    with pytest.raises(UserError, match=r"holds no image files .*skipped 4 file\(s\): \.heic 2, \.txt 2"):
+        data.load_dataset(cfg.data, seed=0)
+
+
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_colour_key_transparency_reaches_training_as_white(tmp_path, cache):
+    root = tmp_path / "d"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            im = Image.new("RGB", (8, 8), (255, 0, 255))
+            im.paste((10, 20, 30), (2, 2, 6, 6))
+            im.save(root / cls / f"{i}.png", transparency=(255, 0, 255))  # a tRNS colour key, no alpha band
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache={cache}",
+                             "data.val_fraction=0.3"])
+    ds = data.load_dataset(cfg.data, seed=0)
+    x, _ = data.sample_images(ds.train, cfg.data, range(len(ds.train)))
+    assert x[:, :, 0, 0].eq(255).all() and x[:, :, 4, 4].tolist() == [[10, 20, 30]] * len(ds.train)

@@ -1,6 +1,7 @@
 """The shared preprocessing: every odd or broken file either decodes to RGB or gives a short reason."""
 
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -177,3 +178,88 @@ def test_very_deep_folders_are_walked(tmp_path):
     for _ in range(levels):  # and so does rmtree: leave nothing deep behind
         deep.rmdir()
         deep = deep.parent
+
+
+def _keyed(mode: str, path):
+    """A 16x16 picture whose border is transparent and whose centre is opaque, with transparency
+    stored the way `mode` stores it; -> (path, expected centre pixel)."""
+    centre = (4, 4, 12, 12)
+    if mode == "RGBA":
+        im = Image.new("RGBA", (16, 16), (255, 0, 255, 0))
+        im.paste((10, 20, 30, 255), centre)
+        return _save(im, path), (10, 20, 30)
+    if mode == "LA":
+        im = Image.new("LA", (16, 16), (0, 0))
+        im.paste((128, 255), centre)
+        return _save(im, path), (128, 128, 128)
+    if mode in ("P", "GIF"):
+        im = Image.new("P", (16, 16), 0)
+        im.putpalette([255, 0, 255, 10, 20, 30] + [0] * 762)
+        im.paste(1, centre)
+        return _save(im, path, transparency=0), (10, 20, 30)
+    if mode == "RGB":  # PNG colour type 2 + tRNS colour key
+        im = Image.new("RGB", (16, 16), (255, 0, 255))
+        im.paste((10, 20, 30), centre)
+        return _save(im, path, transparency=(255, 0, 255)), (10, 20, 30)
+    if mode == "L":  # PNG colour type 0 + tRNS grey key
+        im = Image.new("L", (16, 16), 0)
+        im.paste(128, centre)
+        return _save(im, path, transparency=0), (128, 128, 128)
+    if mode == "1":
+        im = Image.new("1", (16, 16), 0)
+        im.paste(1, centre)
+        return _save(im, path, transparency=0), (255, 255, 255)
+    if mode == "I;16":  # 16-bit grey + a 16-bit tRNS key
+        a = np.full((16, 16), 1000, np.uint16)
+        a[4:12, 4:12] = 30000
+        return _save(Image.fromarray(a), path, transparency=1000), (117, 117, 117)  # 30000 / 257
+    if mode == "WEBP":
+        im = Image.new("RGBA", (16, 16), (255, 0, 255, 0))
+        im.paste((10, 20, 30, 255), centre)
+        return _save(im, path, lossless=True), (10, 20, 30)
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode, ext", [("RGBA", "png"), ("LA", "png"), ("P", "png"), ("GIF", "gif"), ("RGB", "png"),
+                                       ("L", "png"), ("1", "png"), ("I;16", "png"), ("WEBP", "webp")])
+def test_every_kind_of_transparency_is_composited_over_white(tmp_path, mode, ext):
+    path, centre = _keyed(mode, tmp_path / f"t.{ext}")
+    px = images.load(path, 16)
+    assert tuple(px[0, 0]) == (255, 255, 255)  # the key colour (magenta, black, 1000) never leaks through
+    assert tuple(px[8, 8]) == centre
+
+
+def test_the_extension_list_is_what_the_decoder_reads(tmp_path):
+    red = Image.new("RGB", (8, 8), (220, 30, 30))
+    for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.ppm", "PPM"), ("d.pgm", "PPM"), ("e.tga", "TGA"),
+                      ("f.JPG", "JPEG")):
+        (red.convert("L") if name.endswith(".pgm") else red).save(tmp_path / name, fmt)
+    for name in ("notes.txt", "labels.csv", "README", "clip.mpg"):  # not images (MPEG: PIL decodes no frame)
+        (tmp_path / name).write_bytes(b"x")
+    skipped = Counter()
+    found = images.find_images(tmp_path, skipped)
+    assert found == ["a.jfif", "b.jpe", "c.ppm", "d.pgm", "e.tga", "f.JPG"]
+    assert dict(skipped) == {".txt": 1, ".csv": 1, "(none)": 1, ".mpg": 1}
+    for name in found:  # red, or red in grey (the .pgm): 0.299 * 220 + 0.587 * 30 + 0.114 * 30
+        assert images.load(tmp_path / name, 8)[4, 4, 0] in (range(80, 95) if name.endswith(".pgm") else range(200, 240))
+
+
+def test_tiffs_pil_cannot_decode_are_read_with_tifffile(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    grad = np.linspace(0, 1, 16, dtype=np.float32)[None, :].repeat(16, 0)
+    rgb = np.stack([grad, 1 - grad, np.full_like(grad, 0.5)], -1)  # float RGB in [0, 1], as microscopes write
+    tifffile.imwrite(tmp_path / "float_rgb.tif", rgb)
+    tifffile.imwrite(tmp_path / "planar.tif", (rgb * 65535).astype(np.uint16).transpose(2, 0, 1), planarconfig="separate",
+                     photometric="rgb")
+    tifffile.imwrite(tmp_path / "float_grey.tif", grad)  # PIL reads this one itself (mode F): the same rule
+    px = images.load(tmp_path / "float_rgb.tif", 16, "squash")
+    assert tuple(px[0, 0]) == (0, 255, 128) and tuple(px[0, 15]) == (255, 0, 128)
+    assert np.abs(images.load(tmp_path / "planar.tif", 16, "squash").astype(int) - px).max() <= 1  # 16-bit: PIL truncates
+    assert tuple(images.load(tmp_path / "float_grey.tif", 16, "squash")[0, 15]) == (255, 255, 255)
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8), photometric="minisblack",
+                     planarconfig="contig")
+    with pytest.raises(images.DecodeError, match=r"^unsupported image format \(TIFF with 5 samples"):
+        images.load(tmp_path / "five.tif", 8)
+    (tmp_path / "photo.jpg").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))  # a HEIC photo named .jpg
+    with pytest.raises(images.DecodeError, match=r"^unsupported image format \(HEIC"):
+        images.load(tmp_path / "photo.jpg", 8)

@@ -105,7 +105,8 @@ def _fallback(args) -> dict:
 def cmd_evaluate(args) -> None:
     from toolkit.evaluate import evaluate_folder, format_result
 
-    result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size, fallback=_fallback(args))
+    result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size, fallback=_fallback(args),
+                             outputs=args.outputs)
     if args.json:
         import json
 
@@ -130,13 +131,18 @@ def cmd_predict(args) -> None:
     summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk,
                       workers=args.workers, threads=args.threads, device=args.device, resume=args.resume,
                       overwrite=args.overwrite, max_pixels=args.max_pixels, fallback=_fallback(args),
-                      grid=args.grid, grid_count=args.grid_count)
+                      grid=args.grid, grid_count=args.grid_count, outputs=args.outputs)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # the main process merges the parts and reports
     for name, n in summary["per_class"].items():
         print(f"  {name}: {n}", file=sys.stderr)
     for reason, n in summary["errors"].items():
         print(f"  error '{reason}': {n}", file=sys.stderr)
+    if summary.get("skipped"):
+        from toolkit.core.formats import describe_skipped
+
+        print(f"  skipped {describe_skipped(summary['skipped'])} (not an image format this decoder reads)",
+              file=sys.stderr)
     print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
 
 
@@ -268,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(omit when normalisation is inside the graph)")
         g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
         g.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
+        g.add_argument("--outputs", choices=["logits", "probabilities", "log-probabilities"],
+                       help="what the model outputs (default: read from the graph: a last Softmax or Sigmoid "
+                            "gives probabilities, LogSoftmax log-probabilities, anything else logits)")
 
     v = add("preview", cmd_preview, "a grid of sample images per class, and the class counts",
             "toolkit preview data/shapes -o grid.png")

@@ -7,20 +7,23 @@ An ONNX model is run with onnxruntime alone; weights are run with torch.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from toolkit import UserError
-from toolkit.core import images
+from toolkit.core import formats, images
+
+log = logging.getLogger(__name__)
 
 
-def _scorer(model: str | Path, fallback: dict | None = None):
+def _scorer(model: str | Path, fallback: dict | None = None, outputs: str | None = None):
     """-> (Meta, fn: (B, H, W, 3) uint8 -> (B,) predicted index)."""
     if str(model).lower().endswith(".onnx"):
         from toolkit.predict.runtime import OnnxClassifier
 
-        clf = OnnxClassifier(model, fallback=fallback)
+        clf = OnnxClassifier(model, fallback=fallback, outputs=outputs)  # argmax: the same for every output kind
         return clf.meta, lambda px: clf.logits(px).argmax(1)
 
     import torch
@@ -39,23 +42,29 @@ def _scorer(model: str | Path, fallback: dict | None = None):
 
 
 def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None,
-                    fallback: dict | None = None) -> dict:
-    """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`."""
+                    fallback: dict | None = None, outputs: str | None = None) -> dict:
+    """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`.
+
+    `outputs` (ONNX only): what the model outputs, as for predict; None: read from the graph."""
     with images.Decoder(workers) as decoder:  # fork the decoders before a runtime starts its threads
-        meta, predict = _scorer(model, fallback)
+        meta, predict = _scorer(model, fallback, outputs)
         return _evaluate(decoder, meta, predict, model, data_dir, batch_size)
 
 
 def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
     try:
-        folder_classes, paths, labels = images.find_labelled(data_dir)
+        found = images.find_labelled(data_dir)  # folders without an image file (e.g. __MACOSX) are no classes
     except FileNotFoundError:
         raise UserError(f"data folder '{data_dir}' does not exist") from None
+    folder_classes, paths, labels = found.classes, found.paths, found.labels
     unknown = sorted(set(folder_classes) - set(meta.class_names))
     if unknown:
         raise UserError(f"'{data_dir}' has class folders the model does not know: {', '.join(unknown[:5])}")
     if not paths:
-        raise UserError(f"'{data_dir}' has no images in class subfolders")
+        raise UserError(f"'{data_dir}' has no image files in class subfolders"
+                        + (f" (skipped {formats.describe_skipped(found.skipped)})" if found.skipped else ""))
+    if found.skipped:
+        log.info("skipped %s: not an image format this decoder reads", formats.describe_skipped(found.skipped))
     to_model = np.array([meta.class_names.index(c) for c in folder_classes])
     truth = to_model[np.asarray(labels)]
     k = meta.num_classes

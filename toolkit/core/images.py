@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from toolkit.core import formats
+from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (part of this module's API)
+
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("center_crop", "squash")
 MAX_PIXELS = 89_478_485  # default decompression-bomb cap (PIL's own default)
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
@@ -33,12 +35,12 @@ class DecodeError(Exception):
     """A file that cannot be turned into an RGB image; the message is a short reason."""
 
 
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def iter_images(root: str | Path) -> Iterator[str]:
+def iter_images(root: str | Path, skipped: Counter | None = None) -> Iterator[str]:
     """Image-looking paths under `root`, relative to it, lazily, in a deterministic order.
+
+    Image-looking: an extension of a format the decoder reads (formats.image_extensions). Other
+    files are counted by extension into `skipped` when it is given, so callers can say what
+    they left out.
 
     Depth first: a folder's image files in name order, then its subfolders in name order, so
     memory does not grow with the number of files (an explicit stack: any depth works). Names
@@ -61,42 +63,71 @@ def iter_images(root: str | Path) -> Iterator[str]:
                 continue
             if is_image_name(name):
                 yield f"{rel}/{name}" if rel else name
+            elif skipped is not None and not is_dir:
+                skipped[formats.extension_of(name)] += 1
             if is_dir:
                 subdirs.append(f"{rel}/{name}" if rel else name)
         stack.extend(reversed(subdirs))
 
 
-def find_images(root: str | Path) -> list[str]:
+def find_images(root: str | Path, skipped: Counter | None = None) -> list[str]:
     """iter_images as a list."""
-    return list(iter_images(root))
+    return list(iter_images(root, skipped))
 
 
-def find_labelled(root: str | Path) -> tuple[list[str], list[str], list[int]]:
-    """A folder of class subfolders -> (class names sorted, paths relative to root, labels)."""
+@dataclass
+class Labelled:
+    """A folder of class subfolders, as files: what `find_labelled` found."""
+
+    classes: list[str]  # sorted names of the subfolders holding at least one image file
+    paths: list[str]  # relative to the folder, class by class
+    labels: list[int]  # index into classes, one per path
+    empty: list[str] = field(default_factory=list)  # subfolders without any image file (e.g. __MACOSX)
+    skipped: Counter = field(default_factory=Counter)  # files that are not images, by extension
+
+
+def find_labelled(root: str | Path, exclude: tuple[str, ...] = ()) -> Labelled:
+    """A folder of class subfolders -> its classes, image paths and labels.
+
+    Only subfolders holding at least one image file are classes; the others are listed in
+    `empty`. Names starting with '.' and the names in `exclude` (e.g. split folders) are never
+    classes. Raises FileNotFoundError when `root` is not a folder.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"folder '{root}' does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for rel in find_images(root / name):
-            paths.append(f"{name}/{rel}")
-            labels.append(label)
-    return classes, paths, labels
+    found = Labelled([], [], [])
+    for name in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if name in exclude:
+            continue
+        files = find_images(root / name, found.skipped)
+        if not files:
+            found.empty.append(name)
+            continue
+        found.paths += [f"{name}/{rel}" for rel in files]
+        found.labels += [len(found.classes)] * len(files)
+        found.classes.append(name)
+    return found
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha over white, 16-bit grey scaled down, CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        # 16-bit grey is scaled by its bit depth, never by its content (a dark image stays dark);
-        # 32-bit integer and float images carry no depth, so only their range can tell
-        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
-            a = a / 257.0
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    """Any PIL mode -> RGB: every kind of transparency over white, deep samples to 8 bits, CMYK converted.
+
+    Transparency of any kind takes the one alpha path: an alpha band (RGBA, LA, PA, ...), palette
+    alpha, or a PNG tRNS colour key in a palette, RGB, grey, 1-bit or 16-bit grey image (PIL keeps
+    a key in info["transparency"] and leaves the key colour in the pixels).
+    """
+    key = img.info.get("transparency")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # deep grey: formats.to_uint8's rule
+        a = np.asarray(img)
+        grey = Image.fromarray(formats.to_uint8(a), "L")
+        if not isinstance(key, (int, float)):
+            return grey.convert("RGB")
+        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L")  # the key, at full depth
+        img = Image.merge("LA", (grey, alpha))
+    elif img.mode == "RGB" and isinstance(key, tuple) and max(key) > 255:
+        img.info["transparency"] = tuple(v >> 8 for v in key)  # a 16-bit RGB key; PIL kept each sample's high byte
+    if img.has_transparency_data:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -126,7 +157,12 @@ def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | N
     if st.st_size == 0:
         raise DecodeError("empty file")
     try:
-        img = Image.open(path)
+        try:
+            img = Image.open(path)
+        except Image.UnidentifiedImageError:
+            img = _open_unidentified(path, max_pixels)
+        if formats.pil_misreads(img):
+            img = _open_unidentified(path, max_pixels)
         w, h = img.size
         if w * h > max_pixels:
             raise DecodeError(f"too many pixels ({w}x{h} > {max_pixels})")
@@ -145,9 +181,30 @@ def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | N
         raise DecodeError("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "not available" in reason or "Ghostscript" in reason:  # PIL knows the format, this install cannot decode it
+            raise DecodeError(f"unsupported image format ({reason})") from None
         if "truncated" in reason.lower() or isinstance(e, EOFError):
             reason = "truncated image"
         raise DecodeError(f"corrupt image ({reason})") from None
+
+
+def _open_unidentified(path, max_pixels: int) -> Image.Image:
+    """A file PIL does not identify: a TIFF variant read with tifffile, a named unsupported format, or not an image."""
+    fmt = formats.unsupported_format(path)
+    if fmt is None:
+        raise DecodeError("not an image")
+    if fmt != "TIFF":
+        raise DecodeError(f"unsupported image format ({fmt}: this install has no decoder for it)")
+    try:
+        return formats.read_tiff(path, max_pixels)
+    except ImportError:
+        raise DecodeError("unsupported image format (a TIFF variant PIL cannot read: pip install tifffile)") from None
+    except formats.Unsupported as e:
+        raise DecodeError(f"unsupported image format ({e})") from None
+    except formats.TooLarge as e:
+        raise DecodeError(str(e)) from None
+    except Exception as e:  # tifffile's own errors: a damaged TIFF
+        raise DecodeError(f"corrupt image ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
 
 
 def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from toolkit import UserError
-from toolkit.core import images
+from toolkit.core import folders, images
 
 TILE = 96  # pixels per image in a grid
 CAPTION = 30  # pixels of caption under each image (two lines)
@@ -108,15 +108,17 @@ def preview(data_dir: str | Path, out: str | Path, per_class: int = 8) -> dict[s
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"folder '{root}' does not exist")
-    shown = root / "train" if (root / "train").is_dir() else root
-    classes, paths, labels = images.find_labelled(shown)
+    layout = folders.find_layout(root)
+    shown = layout.train
+    found = images.find_labelled(shown, folders.SPLIT_NAMES if shown == root else ())
+    classes, paths, labels = found.classes, found.paths, found.labels
     if not classes:
-        raise UserError(f"'{shown}' has no class subfolders (one folder of images per class)")
+        raise UserError(f"'{shown}' has no class subfolders with images (one folder of images per class)")
     counts = {c: labels.count(i) for i, c in enumerate(classes)}
-    if (root / "val").is_dir():
-        vclasses, _, vlabels = images.find_labelled(root / "val")
+    if layout.val is not None:
+        val = images.find_labelled(layout.val)
         counts = {f"{c} (train)": n for c, n in counts.items()}
-        counts.update({f"{c} (val)": vlabels.count(i) for i, c in enumerate(vclasses)})
+        counts.update({f"{c} ({layout.val.name})": val.labels.count(i) for i, c in enumerate(val.classes)})
     tiles, row_labels = [], []
     labels = np.asarray(labels)
     for i, c in enumerate(classes):

@@ -41,9 +41,10 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
     if data_dir is not None:
         root = Path(data_dir)
         try:
-            classes, rel, labels = images.find_labelled(root)
+            found = images.find_labelled(root)
         except FileNotFoundError:
             raise UserError(f"--data folder '{root}' does not exist") from None
+        classes, rel, labels = found.classes, found.paths, found.labels
         if not rel or any(c not in meta.class_names for c in classes):  # not a labelled folder of this model
             rel, labels = images.find_images(root), None
         else:

@@ -78,7 +78,7 @@ def check_same_run(record: dict, run: dict) -> None:
                         f"with '{run['model']}': predictions of two models would be mixed")
     for key, what in (("input_dir", "input folder"), ("world_size", "number of processes"), ("topk", "--topk"),
                       ("max_pixels", "--max-pixels"), ("fallback", "--classes/--size/--mean/--std/--resize"),
-                      ("format", "output format")):
+                      ("format", "output format"), ("outputs", "--outputs")):
         if record.get(key) != run[key]:
             raise UserError(f"the output was written with another {what} ({record.get(key)!r}, now {run[key]!r}); "
                             "resume with the same settings, or use --overwrite or a new output")

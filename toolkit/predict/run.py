@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ import numpy as np
 import toolkit.predict.parts as parts
 import toolkit.predict.table as table
 from toolkit import UserError
-from toolkit.core import images
-from toolkit.predict.runtime import OnnxClassifier, validate_model
+from toolkit.core import formats, images
+from toolkit.predict.runtime import OnnxClassifier, resolve_outputs, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,23 @@ def _rows(clf: OnnxClassifier, batch: images.Batch, topk: int) -> list[dict]:
     return table.rows_for(batch.paths, errors, probs, clf.meta.class_names, topk)
 
 
-def _load_session(model: str, fallback: dict | None) -> None:
+def _load_session(model: str, fallback: dict | None, outputs: str) -> None:
     """Worker start-up: load the model once, single-threaded (the workers share the cores).
 
     A model that does not load is reported by the main process, which loads it too; a worker
     start-up must not fail (that would break the pool), so it leaves the error to _answer.
     """
     try:
-        _SESSIONS[model] = OnnxClassifier(model, threads=1, fallback=fallback, checked=True)
+        _SESSIONS[model] = OnnxClassifier(model, threads=1, fallback=fallback, checked=True, outputs=outputs)
     except Exception:
         pass
 
 
-def _answer(paths: list[str], root: str, model: str, fallback: dict | None, topk: int, max_pixels: int) -> list[dict]:
+def _answer(paths: list[str], root: str, model: str, fallback: dict | None, outputs: str, topk: int,
+            max_pixels: int) -> list[dict]:
     """In a worker: decode `paths` and predict them; -> their rows."""
     if model not in _SESSIONS:
-        _load_session(model, fallback)
+        _load_session(model, fallback, outputs)
     clf = _SESSIONS[model]
     batch = images.decode_chunk(paths, root, clf.meta.image_size, clf.meta.resize, max_pixels)
     return _rows(clf, batch, topk)
@@ -83,10 +85,14 @@ def _process() -> tuple[int, int, int, int]:
 def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv", batch_size: int = 128,
             topk: int = 1, workers: int | None = None, threads: int = 0, device: str = "cpu", resume: bool = False,
             overwrite: bool = False, max_pixels: int = 89_478_485, fallback: dict | None = None,
-            grid: str | Path | None = None, grid_count: int = 32) -> dict:
+            grid: str | Path | None = None, grid_count: int = 32, outputs: str | None = None) -> dict:
     """Predict every image file under `input_dir` into `output`; returns the summary (main process).
 
     `grid`: also draw `grid_count` rows spread across the output (image, label, score or error) into this PNG.
+    `outputs`: what the model outputs (logits | probabilities | log-probabilities); None: read
+    from the graph. A graph with a fixed batch size is run at that size, whatever `batch_size` says.
+    Raises UserError when the folder holds no image file (files of other formats are counted by
+    extension in the summary's "skipped").
     """
     root, out = Path(input_dir), Path(output)
     if not root.is_dir():
@@ -97,11 +103,25 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
         raise UserError(f"--grid needs a .png file and --grid-count at least 1; got '{grid}', {grid_count}")
     fmt = table.format_of(out)
     rank, world, local_rank, local_world = _process()
-    validate_model(model, device)  # before anything already written is touched
+    graph = validate_model(model, device)  # before anything already written is touched
+    outputs = resolve_outputs(outputs, graph.output_kind)
+    if outputs != "logits":
+        log.info("the model outputs %s%s: scores are taken from them, not softmaxed again", outputs,
+                 " (its graph ends in " + {"probabilities": "Softmax or Sigmoid", "log-probabilities": "LogSoftmax"}[
+                     outputs] + ")" if outputs == graph.output_kind else " (--outputs)")
+    if graph.fixed_batch and graph.fixed_batch != batch_size:
+        log.info("the model's batch size is fixed to %d: predicting %d image(s) per run", graph.fixed_batch,
+                 graph.fixed_batch)
+        batch_size = graph.fixed_batch
+    skipped: Counter = Counter()
+    if next(images.iter_images(root, skipped), None) is None:
+        raise UserError(f"no image files under '{root}'" + (f" (skipped {formats.describe_skipped(skipped)}: "
+                                                            "not an image format this decoder reads)" if skipped else ""))
     if fallback and not fallback.get("classes"):
         fallback = None  # nothing stated: the same run as no fallback at all
     run = {"model": str(model), "model_sha256": _sha256(Path(model)), "input_dir": str(root.resolve()),
-           "topk": topk, "world_size": world, "max_pixels": max_pixels, "fallback": fallback, "format": fmt}
+           "topk": topk, "world_size": world, "max_pixels": max_pixels, "fallback": fallback, "format": fmt,
+           "outputs": outputs}
     run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
     sidecar = out.with_name(out.name + ".run.json")
     final_rows = table.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
@@ -114,9 +134,16 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             return record["summary"]
         parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tally, topk = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers,
-                                    threads, device, batch_size, max_pixels, fallback,
-                                    sidecar if rank == 0 and not record else None)
+        try:
+            tally, topk = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers,
+                                        threads, device, batch_size, max_pixels, fallback,
+                                        sidecar if rank == 0 and not record else None, skipped)
+        except BaseException:
+            if not record and not _has_rows(target):  # nothing answered: leave no output and no run record behind
+                target.unlink(missing_ok=True)
+                if rank == 0:
+                    sidecar.unlink(missing_ok=True)
+            raise
         if world > 1:
             parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
             if rank != 0:
@@ -126,7 +153,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             _draw_grid(root, final_rows, topk, grid, grid_count, tally.rows, model, fallback)
         if fmt == "parquet":
             table.to_parquet(final_rows, out, topk)
-        summary = tally.summary(out)
+        summary = {**tally.summary(out), "skipped": dict(skipped.most_common())}
         parts.write_json(sidecar, {**run, "complete": True, "summary": summary})
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
         raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
@@ -146,18 +173,26 @@ def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, to
     predictions_grid(root, rows, grid, classes, total=total)
 
 
+def _has_rows(path: Path) -> bool:
+    try:
+        return next(table.read_rows(path), None) is not None
+    except (OSError, UserError):
+        return path.exists() and path.stat().st_size > 0
+
+
 def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
                   resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
-                  new_record: Path | None) -> tuple[table.Tally, int]:
-    """This process's share of the files, answered into `target` (continuing it when resuming).
+                  new_record: Path | None, skipped: Counter) -> tuple[table.Tally, int]:
+    """This process's share of the files, answered into `target` (continuing it when resuming); counts
+    the files that are not images into `skipped`.
     -> (tally, the top-k the rows have: --topk, at most the number of classes)."""
     from toolkit.core.progress import progress_bar
 
-    model = run["model"]
+    model, outputs = run["model"], run["outputs"]
     cores = max(1, (os.cpu_count() or 1) // local_world)
-    load = (_load_session, (model, fallback)) if device == "cpu" else (None, ())
+    load = (_load_session, (model, fallback, outputs)) if device == "cpu" else (None, ())
     with images.Decoder(workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
-        clf = OnnxClassifier(model, threads, fallback, device, local_rank)
+        clf = OnnxClassifier(model, threads, fallback, device, local_rank, checked=True, outputs=outputs)
         topk = min(run["topk"], clf.meta.num_classes)
         if new_record:
             parts.write_json(new_record, {**run, "complete": False})
@@ -173,14 +208,15 @@ def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, lo
         if tally.rows:
             log.info("resuming %s after %d rows", target, tally.rows)
         writer.open()
-        todo = sum(1 for _ in itertools.islice(images.iter_images(root), rank, None, world)) - tally.rows
+        skipped.clear()  # counted afresh by this full walk
+        todo = sum(1 for _ in itertools.islice(images.iter_images(root, skipped), rank, None, world)) - tally.rows
         bar = progress_bar(todo, f"predicting {todo} files" + (f" (process 1 of {world})" if world > 1 else ""),
                            enabled=rank == 0)
         try:
             if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
                 _SESSIONS[model] = clf  # used when there are no worker processes
                 answers = decoder.map(_answer, images.chunked(files, batch_size), str(root), model, fallback,
-                                      topk, max_pixels)
+                                      outputs, topk, max_pixels)
             else:  # one GPU session here; the workers only decode
                 answers = (_rows(clf, b, topk) for b in decoder.batches(root, files, clf.meta.image_size,
                                                                        clf.meta.resize, batch_size, max_pixels))

@@ -7,6 +7,7 @@ and a requested CUDA device never falls back to the CPU silently.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,53 @@ from toolkit import UserError
 from toolkit.core.meta import META_KEY, Meta
 
 DEVICES = ("cpu", "cuda", "auto")
+OUTPUTS = ("logits", "probabilities", "log-probabilities")  # what the model's output holds
+LAST_OP_KIND = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities", "Sigmoid": "probabilities"}
+VALUE_PRESERVING = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "CastLike")  # looked through
 
 
-def check_external_data(path: Path) -> None:
-    """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
+@dataclass
+class GraphInfo:
+    """What the graph itself says, read before any session starts."""
+
+    input_shape: list  # e.g. ['batch', 3, 224, 224]; an int is a fixed size
+    output_kind: str  # one of OUTPUTS, from the op that computes the first output
+
+    @property
+    def fixed_batch(self) -> int | None:
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
+
+
+def output_kind(graph) -> str:
+    """logits, probabilities or log-probabilities: from the op computing the graph's first output
+    (Softmax and Sigmoid: probabilities; LogSoftmax: log-probabilities; anything else: logits),
+    looking through ops that only reshape or cast."""
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get(graph.output[0].name)
+    while node is not None and node.op_type in VALUE_PRESERVING and node.input:
+        node = producers.get(node.input[0])
+    return LAST_OP_KIND.get(node.op_type, "logits") if node is not None else "logits"
+
+
+def read_graph(path: Path) -> GraphInfo:
+    """Check the file's external data (see check_external_data) and read its input shape and output kind."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    check_external_data(path, model)
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
+    return GraphInfo(dims, output_kind(model.graph))
+
+
+def check_external_data(path: Path, model=None) -> None:
+    """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
+    import onnx
+
+    model = model if model is not None else onnx.load(str(path), load_external_data=False)
     base = path.parent.resolve()
 
     def tensors(graph):
@@ -39,18 +80,34 @@ def check_external_data(path: Path) -> None:
                 raise UserError(f"'{path}' keeps weights in '{location}', outside its folder; refusing to load it")
 
 
-def validate_model(path: str | Path, device: str = "cpu") -> None:
-    """Cheap checks before anything is started or overwritten: the file, its external data, the device."""
+def validate_model(path: str | Path, device: str = "cpu") -> GraphInfo:
+    """Cheap checks before anything is started or overwritten: the file, its external data, the device;
+    -> what the graph says (input shape, output kind)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file '{path}' does not exist")
     try:
-        check_external_data(path)
+        info = read_graph(path)
     except UserError:
         raise
     except Exception as e:  # onnx's own decode errors
         raise UserError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
     providers(device)
+    return info
+
+
+def resolve_outputs(stated: str | None, detected: str) -> str:
+    """The output kind to use: what the user states (--outputs), else what the graph shows."""
+    if stated is None:
+        return detected
+    if stated not in OUTPUTS:
+        raise UserError(f"--outputs must be one of {', '.join(OUTPUTS)}; got '{stated}'")
+    if stated != detected:
+        import logging
+
+        logging.getLogger(__name__).warning("--outputs %s, but the graph's last op gives %s; using %s as stated",
+                                            stated, detected, stated)
+    return stated
 
 
 def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std, resize: str) -> Meta:
@@ -96,11 +153,13 @@ class OnnxClassifier:
 
     `fallback` (classes, size, mean, std, resize) describes a model exported elsewhere; it is
     used only when the file carries no toolkit metadata. `device` cuda never falls back to the
-    CPU silently: if onnxruntime cannot use CUDA, that is an error.
+    CPU silently: if onnxruntime cannot use CUDA, that is an error. `outputs` (one of OUTPUTS)
+    says what the model's output holds; None: read from the graph (`checked` models must state it).
+    A graph with a fixed batch size is fed batches of exactly that size (padded).
     """
 
     def __init__(self, path: str | Path, threads: int = 0, fallback: dict | None = None, device: str = "cpu",
-                 device_id: int = 0, checked: bool = False):
+                 device_id: int = 0, checked: bool = False, outputs: str | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -109,7 +168,7 @@ class OnnxClassifier:
         wanted = providers(device, device_id)
         try:
             if not checked:  # a worker loads a file the main process has already checked
-                check_external_data(path)
+                outputs = resolve_outputs(outputs, read_graph(path).output_kind)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.log_severity_level = 3
@@ -132,6 +191,14 @@ class OnnxClassifier:
                                                                   "std": None, "resize": "center_crop"}))
         self.input_name = self.session.get_inputs()[0].name
         self.path = path
+        self.outputs = outputs or "logits"
+        shape = self.session.get_inputs()[0].shape  # e.g. ['batch', 3, 224, 224]
+        self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+        fixed_hw = [d for d in shape[2:] if isinstance(d, int)]
+        if any(d != self.meta.image_size for d in fixed_hw):
+            raise UserError(f"'{path}' takes images of {shape[2]}x{shape[3]} pixels but its metadata (or --size) "
+                            f"says {self.meta.image_size}; pass --size {fixed_hw[0]}" if len(fixed_hw) == 2 else
+                            f"'{path}' has input shape {shape}, which does not fit {self.meta.image_size}-pixel images")
         std = np.asarray(self.meta.std, np.float32)
         self.gain = (1 / (255 * std)).reshape(1, 3, 1, 1)
         self.shift = (-np.asarray(self.meta.mean, np.float32) / std).reshape(1, 3, 1, 1)
@@ -145,9 +212,33 @@ class OnnxClassifier:
             x = x.astype(np.float32) * np.float32(1 / 255)
         else:  # normalisation outside the graph: a model exported elsewhere
             x = x.astype(np.float32) * self.gain + self.shift
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.run(x)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The model on input x (B, 3, H, W): in pieces of the graph's fixed batch size if it has one
+        (the last piece padded with zeros); an error of the runtime becomes one UserError line."""
+        b = self.fixed_batch
+        try:
+            if b is None or len(x) == b:
+                return self.session.run(None, {self.input_name: x})[0]
+            out = []
+            for i in range(0, len(x), b):
+                piece = x[i : i + b]
+                if len(piece) < b:
+                    piece = np.concatenate([piece, np.zeros((b - len(piece),) + piece.shape[1:], piece.dtype)])
+                out.append(self.session.run(None, {self.input_name: piece})[0][: min(b, len(x) - i)])
+            return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes), np.float32)
+        except Exception as e:  # onnxruntime's own exception types
+            raise UserError(f"'{self.path}' failed on an input of shape {list(x.shape)} "
+                            f"({' '.join(str(e).split())[:300]})") from None
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, classes) float64 probabilities, by the model's output kind:
+        softmax of logits, exp of log-probabilities, probabilities as they are (e.g. sigmoid scores)."""
         z = self.logits(pixels).astype(np.float64)
+        if self.outputs == "probabilities":
+            return z
+        if self.outputs == "log-probabilities":
+            return np.exp(z)
         z = np.exp(z - z.max(1, keepdims=True))
         return z / z.sum(1, keepdims=True)

@@ -25,7 +25,7 @@ from toolkit.core import images
 from toolkit.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the decoding definition in images.py changes
+CACHE_VERSION = 3  # bump when decoding in core/images.py changes (3: any transparency over white, float TIFFs)
 CHUNK = 256  # files per batch sent to a decode worker
 
 

@@ -27,6 +27,7 @@ import torch
 
 from toolkit import UserError
 from toolkit.config import DataConfig
+import toolkit.train.imagefolder as imagefolder
 from toolkit.core import images
 from toolkit.train.augment import EpochAugment, stream
 
@@ -52,40 +53,6 @@ class Dataset:
 
 
 # --- finding the data ------------------------------------------------------------------------
-
-
-def _split_folder(root: Path, cfg: DataConfig, seed: int):
-    """(classes, train files, train labels, val files, val labels, val_dir) of an image folder."""
-    if not root.is_dir():
-        raise UserError(f"data.root '{root}' does not exist; point it at a folder of class subfolders")
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    classes, rel, labels = images.find_labelled(train_dir)
-    if len(classes) < 2:
-        raise UserError(f"data.root '{train_dir}' needs at least two class subfolders; found {len(classes)}")
-    files = [str(train_dir / p) for p in rel]
-    if not files:
-        raise UserError(f"data.root '{train_dir}' holds no image files ({', '.join(images.IMAGE_EXTENSIONS)})")
-    labels = np.asarray(labels, dtype=np.int64)
-    val_dir = root / "val"
-    if val_dir.is_dir():
-        val_classes, vrel, vlabels = images.find_labelled(val_dir)
-        extra = sorted(set(val_classes) - set(classes))
-        if extra:
-            raise UserError(f"'{val_dir}' has classes missing from '{train_dir}': {', '.join(extra)}")
-        remap = {i: classes.index(c) for i, c in enumerate(val_classes)}
-        vfiles = [str(val_dir / p) for p in vrel]
-        vlabels = np.asarray([remap[v] for v in vlabels], dtype=np.int64)
-        return classes, files, labels, vfiles, vlabels, str(val_dir)
-    # no val/: a seeded, stratified split of train/ (same split on every run with this seed)
-    rng = np.random.default_rng(seed)
-    val_mask = np.zeros(len(files), dtype=bool)
-    for c in range(len(classes)):
-        idx = np.flatnonzero(labels == c)
-        n_val = max(1, round(len(idx) * cfg.val_fraction)) if len(idx) > 1 else 0
-        val_mask[rng.permutation(idx)[:n_val]] = True
-    files_arr = np.asarray(files, dtype=object)
-    return (classes, list(files_arr[~val_mask]), labels[~val_mask],
-            list(files_arr[val_mask]), labels[val_mask], None)
 
 
 def _cifar10(cfg: DataConfig) -> Dataset:
@@ -129,27 +96,38 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: b
         return _cifar10(cfg if make else dataclasses.replace(cfg, download=False))
     if cfg.kind == "shapes" and make:
         ensure_shapes(cfg, seed)
-    classes, tf, tl, vf, vl, val_dir = _split_folder(Path(cfg.root), cfg, seed)
-    if not len(vf):
-        raise UserError(f"data.root '{cfg.root}' gives no validation images; add a val/ folder or more images")
-    decoded_gb = (len(tf) + len(vf)) * cfg.image_size**2 * 3 / 1e9
+    files = imagefolder.find_files(cfg, seed)
+    decoded_gb = (len(files.train) + len(files.val)) * cfg.image_size**2 * 3 / 1e9
     in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and decoded_gb <= cfg.memory_limit_gb)
     if not in_memory:
-        log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(tf), len(vf), decoded_gb)
-        return Dataset(classes, Split(torch.from_numpy(tl), files=tf), Split(torch.from_numpy(vl), files=vf), val_dir)
+        files, _, _ = imagefolder.keep_classes(files, imagefolder.usable_by_probe(files, cfg))
+        _check_val(files, cfg)
+        log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(files.train), len(files.val),
+                 decoded_gb)
+        return Dataset(files.classes, Split(torch.from_numpy(files.train_labels), files=files.train),
+                       Split(torch.from_numpy(files.val_labels), files=files.val), files.val_dir)
     from toolkit.train.cache import decode_cached
 
     if workers is None and cfg.num_workers >= 0:
         workers = max(1, cfg.num_workers)  # 0: decode in this process
+    decoded = [decode_cached(f, cfg, workers) for f in (files.train, files.val)]
+    kept, tmask, vmask = imagefolder.keep_classes(files, imagefolder.usable_from_decoded(files, decoded[0][1]))
+    _check_val(kept, cfg)
     splits = []
-    for files, labels in ((tf, tl), (vf, vl)):
-        x, ok = decode_cached(files, cfg, workers)
-        if not ok.all():
-            bad = [f for f, good in zip(files, ok) if not good]
+    for (x, ok), mask, paths in ((decoded[0], tmask, files.train), (decoded[1], vmask, files.val)):
+        bad = [f for f, good, m in zip(paths, ok, mask) if m and not good]
+        if bad:
             log.warning("skipping %d unreadable images, e.g. %s", len(bad), ", ".join(bad[:3]))
-        x = np.array(x) if ok.all() else x[ok]  # one in-memory copy (the cache is memory-mapped)
-        splits.append(Split(torch.from_numpy(labels[ok]), torch.from_numpy(x)))
-    return Dataset(classes, splits[0], splits[1], val_dir)
+        use = ok & mask
+        x = np.array(x) if use.all() else x[use]  # one in-memory copy (the cache is memory-mapped)
+        labels = kept.train_labels if paths is files.train else kept.val_labels
+        splits.append(Split(torch.from_numpy(labels[ok[mask]]), torch.from_numpy(x)))
+    return Dataset(kept.classes, splits[0], splits[1], kept.val_dir)
+
+
+def _check_val(files: imagefolder.Files, cfg: DataConfig) -> None:
+    if not len(files.val):
+        raise UserError(f"data.root '{cfg.root}' gives no validation images; add a val/ folder or more images")
 
 
 def sample_images(split: Split, cfg: DataConfig, indices) -> tuple[torch.Tensor, torch.Tensor]:
