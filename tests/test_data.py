@@ -335,3 +335,21 @@ def test_colour_key_transparency_reaches_training_as_white(tmp_path, cache):
     ds = data.load_dataset(cfg.data, seed=0)
     x, _ = data.sample_images(ds.train, cfg.data, range(len(ds.train)))
     assert x[:, :, 0, 0].eq(255).all() and x[:, :, 4, 4].tolist() == [[10, 20, 30]] * len(ds.train)
+
+
+@pytest.mark.parametrize("n, batch, world, accum", [(65, 64, 1, 1), (130, 64, 2, 1), (131, 64, 2, 1), (9, 4, 2, 1),
+                                                    (17, 8, 1, 2), (25, 8, 3, 1), (3, 2, 1, 1), (64, 64, 1, 1)])
+def test_no_process_ever_gets_a_training_batch_of_one(n, batch, world, accum):
+    plans = [data.TrainPlan(n, batch, world, r, seed=3, grad_accum=accum) for r in range(world)]
+    for epoch in (0, 1):
+        per_process = [p.batches(epoch) for p in plans]
+        assert all(len(b) >= 2 for batches in per_process for b in batches)
+        assert len({len(batches) for batches in per_process}) == 1  # every process takes the same number of steps
+        seen = torch.cat([torch.cat(batches) for batches in per_process])
+        assert len(seen) == len(set(seen.tolist()))
+        if plans[0].num_batches * batch < n // world <= plans[0].num_batches * batch + 1:  # the tail of one joined
+            assert len(seen) == (n // world) * world  # no image of the epoch is left out
+        for p, batches in zip(plans, per_process):  # resume from any batch gives the rest of the epoch
+            assert all(torch.equal(a, b) for a, b in zip(batches[1:], p.batches(epoch, start=1)))
+    with pytest.raises(UserError, match="at least two images"):
+        data.TrainPlan(3, 8, 2, 0, seed=0)  # one image per process

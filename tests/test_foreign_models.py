@@ -93,6 +93,9 @@ def test_a_fixed_batch_size_is_used_by_predict_and_evaluate(tmp_path, photos, ba
     want = _expected(None, photos)
     for row in table.read_rows(tmp_path / "p.csv"):
         assert float(row["score"]) == pytest.approx(float(want[row["path"]].max()), abs=2e-6)
+    (photos / "__MACOSX" / "red").mkdir(parents=True)  # no image file in it: not a class the model must know
+    (photos / "__MACOSX" / "red" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (photos / "emptied").mkdir()
     result = evaluate_folder(model, photos, batch_size=64, workers=1, fallback=FB)
     assert result["accuracy"] == 1.0 and result["n"] == 6
 

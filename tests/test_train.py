@@ -202,12 +202,12 @@ def test_flip_tta_averages_the_image_and_its_mirror():
         plain_pred = model(norm(x)).argmax(1)
         tta_pred = (model(norm(x)) + model(norm(x).flip(3))).argmax(1)
     assert not torch.equal(plain_pred, tta_pred)  # the check below can tell the two apart
-    for tta, pred in ((False, plain_pred), (True, tta_pred)):
-        confusion = evaluate(model, source, shards, norm, 3, tta=tta)
-        want = torch.zeros(3, 3, dtype=torch.int64)
+    want = torch.zeros(2, 3, 3, dtype=torch.int64)
+    for view, pred in enumerate((plain_pred, tta_pred)):
         for t, p in zip(y, pred):
-            want[t, p] += 1
-        assert torch.equal(confusion, want)
+            want[view, t, p] += 1
+    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=False), want[:1])
+    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=True), want)  # [0] stays the plain figure
 
 
 def test_stop_at_accuracy_ends_the_run_early(tmp_path):
@@ -219,3 +219,73 @@ def test_stop_at_accuracy_ends_the_run_early(tmp_path):
     recs = _records(train(cfg))
     assert recs[-1]["val_accuracy"] >= 0.9 and len(recs) < 30
     assert all(r["val_accuracy"] < 0.9 for r in recs[:-1])
+
+
+def test_a_last_batch_of_one_never_reaches_batchnorm(tmp_path, monkeypatch):
+    """17 images at batch 16: the 17th joins the last batch (a net whose BatchNorm sees one value per
+    channel, as a ResNet's last stage does at 32 px, would raise on a batch of one)."""
+    import toolkit.train.loop as loop
+
+    def bn_net(arch, num_classes, image_size, **kw):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * image_size**2, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, num_classes))
+
+    import toolkit.train.models as models
+
+    monkeypatch.setattr(loop, "create_model", bn_net)
+    monkeypatch.setattr(models, "create_model", bn_net)  # the run report rebuilds the model from the registry
+    root = tmp_path / "d"
+    for split, n in (("train", 9), ("val", 2)):
+        for cls, value in (("dark", 40), ("light", 200)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n - (cls == "light" and split == "train")):  # 17 training images
+                Image.new("RGB", (16, 16), (value + i,) * 3).save(root / split / cls / f"{i}.png")
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=16",
+                             "train.epochs=1", f"train.out_dir={tmp_path / 'runs'}", "train.progress=false"])
+    assert _records(train(cfg))[-1]["epoch"] == 1
+
+
+def _mirror_letters(root, n: int):
+    """Classes that are mirror images of each other ('b': bowl right of the stem, 'd': left)."""
+    from PIL import ImageDraw
+
+    for split, count in (("train", n), ("val", n // 2)):
+        for cls in ("b", "d"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                im = Image.new("RGB", (24, 24), (20, 20, 20))
+                x, y = 9 + i % 3, 3 + i % 2
+                draw = ImageDraw.Draw(im)
+                draw.rectangle([x, y, x + 1, y + 16], fill=(230, 230, 230))
+                cx = x + 6 if cls == "b" else x - 5
+                draw.ellipse([cx - 5, y + 7, cx + 5, y + 16], outline=(230, 230, 230), width=2)
+                im.save(root / split / cls / f"{i}.png")
+
+
+def test_the_stored_accuracy_is_what_the_exported_model_delivers(tmp_path):
+    """Flip TTA is reported beside the plain figure (val_accuracy_tta) and never stored or used to pick the best."""
+    from toolkit.core.meta import read_meta
+    from toolkit.export import export
+
+    _mirror_letters(tmp_path / "d", 24)
+    cfg = load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=24",
+                             "data.batch_size=8", "data.augment=false", "model.arch=tutorial_net_bn",
+                             "train.epochs=3", "train.eval_tta=true", f"train.out_dir={tmp_path / 'runs'}",
+                             "train.progress=false"])
+    run = train(cfg)
+    recs = _records(run)
+    assert all("val_accuracy_tta" in r for r in recs)
+    assert any(r["val_accuracy_tta"] != r["val_accuracy"] for r in recs)  # the mirror average tells them apart
+    meta = read_meta(run)
+    best = max(recs, key=lambda r: r["val_accuracy"])
+    assert meta.metrics["val_accuracy"] == best["val_accuracy"] and meta.metrics["epoch"] == best["epoch"]
+    onnx_file = export(run, tmp_path / "m.onnx")
+    delivered = evaluate_folder(onnx_file, tmp_path / "d" / "val")["accuracy"]
+    assert read_meta(onnx_file).metrics["val_accuracy"] == delivered
+
+
+def test_flip_tta_is_refused_when_a_flip_changes_the_class(caplog):
+    with caplog.at_level("WARNING", logger="toolkit"):
+        cfg = load_config(None, ["train.eval_tta=true", "data.hflip=false"])
+    assert cfg.train.eval_tta is False and "train.eval_tta is turned off" in caplog.text
+    assert load_config(None, ["train.eval_tta=true"]).train.eval_tta is True

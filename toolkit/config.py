@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -258,6 +259,14 @@ def _validate(cfg: Config) -> None:
         raise UserError(f"config key 'data.std' must be positive; got {cfg.data.std}")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"config key 'name' must be a non-empty name without '/'; got '{cfg.name}'")
+    if cfg.data.batch_size < 2:  # BatchNorm in train mode needs more than one value per channel
+        raise UserError(f"config key 'data.batch_size' must be at least 2 (a training batch of one image breaks "
+                        f"BatchNorm); got {cfg.data.batch_size}")
+    if cfg.train.eval_tta and not cfg.data.hflip:
+        logging.getLogger(__name__).warning(
+            "train.eval_tta is turned off: it averages each validation image with its mirror, but data.hflip=false "
+            "says a mirrored image can be another class")
+        cfg.train.eval_tta = False  # the resolved config written to the run says what ran
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -159,27 +159,38 @@ class TrainPlan:
     together is perm[k*B*world : (k+1)*B*world], the same samples a single process with
     batch B*world takes at step k. The batch count is a multiple of grad_accum, so an
     optimizer step never straddles two epochs.
+
+    No process ever gets a batch of one image (BatchNorm in train mode cannot normalise a
+    single value per channel): a last batch of one image per process joins the batch before
+    it (B + 1 images). That is the one place where N processes with batch B and one process
+    with batch B*N group samples differently: the last step of N processes holds (B+1)*N
+    images, where one process takes B*N and then N. Both are functions of (n, B, world), so
+    resume stays exact.
     """
 
     def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1):
         self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
         self.per_rank = n // world
-        batches = math.ceil(self.per_rank / batch_size)
+        full, tail = divmod(self.per_rank, batch_size)
+        merged = tail == 1 and full > 0  # a tail of one image joins the batch before it
+        batches = full + (tail > 0) - merged
         self.num_batches = batches - batches % grad_accum
-        if self.num_batches == 0:
+        self.last_end = self.per_rank if merged and self.num_batches == batches else self.num_batches * batch_size
+        if self.num_batches == 0 or self.per_rank < 2:
             raise UserError(
                 f"the training set ({n} images) is too small for data.batch_size={batch_size} x "
-                f"{world} processes x train.grad_accum={grad_accum}; lower one of them"
+                f"{world} processes x train.grad_accum={grad_accum} (every process needs a batch of at least "
+                "two images); lower one of them"
             )
 
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.n, generator=stream(self.seed, epoch, 0))
 
     def batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
-        """Index batches of this process for `epoch`, from batch `start` on."""
+        """Index batches of this process for `epoch`, from batch `start` on; none holds a single image."""
         mine = self.permutation(epoch)[: self.per_rank * self.world][self.rank :: self.world]
-        b = self.batch_size
-        return [mine[k * b : (k + 1) * b] for k in range(start, self.num_batches)]
+        b, last = self.batch_size, self.num_batches - 1
+        return [mine[k * b : (self.last_end if k == last else (k + 1) * b)] for k in range(start, self.num_batches)]
 
 
 def eval_shards(n: int, world: int, rank: int, batch_size: int) -> list[torch.Tensor]:

@@ -45,19 +45,21 @@ class NonFiniteLoss(UserError):
 
 @torch.no_grad()
 def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last: bool = False):
-    """This process's (C, C) confusion matrix (rows true, columns predicted) over its shards."""
+    """This process's confusion matrices (rows true, columns predicted) over its shards: (1, C, C) int64,
+    or with `tta` (2, C, C): [0] the image alone, which is what the exported model computes and what
+    is stored and selects the best epoch, [1] the average of the image and its horizontal flip."""
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=normalize.gain.device)
+    confusion = torch.zeros(1 + tta, num_classes, num_classes, dtype=torch.int64, device=normalize.gain.device)
     for x, y in source(shards):
         x = normalize(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x).float()
-        if tta:
-            logits = logits + model(x.flip(3)).float()
         keep = y >= 0  # -100 marks an unreadable file (streaming source)
-        confusion += torch.bincount(y[keep] * num_classes + logits.argmax(1)[keep],
-                                    minlength=num_classes**2).view(num_classes, num_classes)
+        views = [logits, logits + model(x.flip(3)).float()] if tta else [logits]
+        for v, z in enumerate(views):
+            confusion[v] += torch.bincount(y[keep] * num_classes + z.argmax(1)[keep],
+                                           minlength=num_classes**2).view(num_classes, num_classes)
     return confusion
 
 
@@ -225,16 +227,20 @@ def _evaluate_and_save(run: Run, loss_mean: float, images: int, elapsed: float) 
     """Evaluate every validation image once (all processes), log the record, save last/best weights."""
     accelerator, st, cfg = run.accelerator, run.state, run.cfg
     _sync_buffers(run.raw_model, accelerator.num_processes)
-    confusion = accelerator.reduce(evaluate(run.raw_model, run.val_src, run.val_shards, run.normalize,
-                                            len(run.ds.classes), cfg.train.eval_tta, cfg.model.channels_last),
-                                   "sum").cpu()
+    confusions = accelerator.reduce(evaluate(run.raw_model, run.val_src, run.val_shards, run.normalize,
+                                             len(run.ds.classes), cfg.train.eval_tta, cfg.model.channels_last),
+                                    "sum").cpu()
+    confusion = confusions[0]  # the plain figure: what the exported model delivers
     record = metrics_record(confusion, run.ds.classes, st.epoch, st.step, loss_mean,
                             run.optimizer.param_groups[0]["lr"], elapsed, images)
+    if len(confusions) > 1:  # flip TTA, reported beside it, never stored as val_accuracy
+        record["val_accuracy_tta"] = float(confusions[1].trace() / max(1, int(confusions[1].sum())))
     improved = record["val_accuracy"] > st.best_accuracy
     weights.check_finite(run.raw_model)  # every process: they hold the same weights, so all stop together
     if accelerator.is_main_process:
         rundir.log_epoch(record, run.run_dir, cfg, accelerator)
-        run.meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class")}
+        run.meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class",
+                                                   "val_accuracy_tta") if k in record}
         weights.save_weights(run.raw_model, run.meta, run.run_dir / "last.safetensors")
         if improved:
             weights.save_weights(run.raw_model, run.meta, run.run_dir / "best.safetensors")

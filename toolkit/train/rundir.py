@@ -105,8 +105,9 @@ def flat(d: dict, prefix: str = "") -> dict:
 def log_epoch(record: dict, run_dir: Path, cfg: Config, accelerator) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    log.info("epoch %d/%d  loss %.4f  val acc %.2f%% (%d images)  lr %.4g  %.1f s  %.0f img/s",
-             record["epoch"], cfg.train.epochs, record["train_loss"], 100 * record["val_accuracy"],
+    tta = f" (flip TTA {100 * record['val_accuracy_tta']:.2f}%, not stored)" if "val_accuracy_tta" in record else ""
+    log.info("epoch %d/%d  loss %.4f  val acc %.2f%%%s (%d images)  lr %.4g  %.1f s  %.0f img/s",
+             record["epoch"], cfg.train.epochs, record["train_loss"], 100 * record["val_accuracy"], tta,
              record["val_count"], record["lr"], record["epoch_time_s"], record["images_per_s"])
     if cfg.train.log_with:
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
