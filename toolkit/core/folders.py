@@ -1,19 +1,29 @@
-"""The layout of an image-folder dataset: where training, validation and test images are.
+"""Folders of images: walking them (which files are images, which subfolders are classes) and the
+layout of an image-folder dataset (where training, validation and test images are).
 
     root/train/<class>/...   training images (or root/<class>/... when there is no train/)
     root/val/<class>/...     validation, also found as valid/ or validation/ (one of them)
     root/test/<class>/...    held out: never trained or validated on, when a validation folder
                              exists; the validation folder itself when it is the only other split
 
-These split names are never class names. Shared by training and `toolkit preview`.
+These split names are never class names. Shared by training, evaluate, export checks, predict and
+`toolkit preview`; toolkit.core.images re-exports the walking functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from toolkit import UserError
+from toolkit.core import formats
+from toolkit.core.formats import is_image_name
+
+log = logging.getLogger(__name__)
 
 VAL_NAMES = ("val", "valid", "validation")  # the names labelling tools and dataset hubs use, in order of preference
 TEST_NAME = "test"
@@ -50,3 +60,78 @@ def find_layout(root: str | Path) -> Layout:
                                          "test figure")
     return Layout(train, None, None, f"validation: a seeded, stratified split of {train}/ (data.val_fraction; "
                                      f"no {', '.join(n + '/' for n in VAL_NAMES)} or {TEST_NAME}/ folder)")
+
+
+def iter_images(root: str | Path, skipped: Counter | None = None) -> Iterator[str]:
+    """Image-looking paths under `root`, relative to it, lazily, in a deterministic order.
+
+    Image-looking: an extension of a format the decoder reads (formats.image_extensions). Other
+    files are counted by extension into `skipped` when it is given, so callers can say what
+    they left out.
+
+    Depth first: a folder's image files in name order, then its subfolders in name order, so
+    memory does not grow with the number of files (an explicit stack: any depth works). Names
+    starting with '.' are skipped. Symlinks to files are listed (a dangling one fails at
+    decode); symlinked folders are not followed. A folder named like an image is listed too (it
+    fails at decode: "is a folder"), and its contents are walked like any folder's.
+    """
+    stack = [""]  # relative folders still to walk, the next one last
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel))
+        except OSError as e:
+            log.warning("cannot list folder '%s' (%s): images inside it get no rows", Path(root) / rel,
+                        e.strerror or e)
+            continue
+        subdirs = []
+        for name, is_dir in entries:
+            if name.startswith("."):
+                continue
+            if is_image_name(name):
+                yield f"{rel}/{name}" if rel else name
+            elif skipped is not None and not is_dir:
+                skipped[formats.extension_of(name)] += 1
+            if is_dir:
+                subdirs.append(f"{rel}/{name}" if rel else name)
+        stack.extend(reversed(subdirs))
+
+
+def find_images(root: str | Path, skipped: Counter | None = None) -> list[str]:
+    """iter_images as a list."""
+    return list(iter_images(root, skipped))
+
+
+@dataclass
+class Labelled:
+    """A folder of class subfolders, as files: what `find_labelled` found."""
+
+    classes: list[str]  # sorted names of the subfolders holding at least one image file
+    paths: list[str]  # relative to the folder, class by class
+    labels: list[int]  # index into classes, one per path
+    empty: list[str] = field(default_factory=list)  # subfolders without any image file (e.g. __MACOSX)
+    skipped: Counter = field(default_factory=Counter)  # files that are not images, by extension
+
+
+def find_labelled(root: str | Path, exclude: tuple[str, ...] = ()) -> Labelled:
+    """A folder of class subfolders -> its classes, image paths and labels.
+
+    Only subfolders holding at least one image file are classes; the others are listed in
+    `empty`. Names starting with '.' and the names in `exclude` (e.g. split folders) are never
+    classes. Raises FileNotFoundError when `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder '{root}' does not exist")
+    found = Labelled([], [], [])
+    for name in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if name in exclude:
+            continue
+        files = find_images(root / name, found.skipped)
+        if not files:
+            found.empty.append(name)
+            continue
+        found.paths += [f"{name}/{rel}" for rel in files]
+        found.labels += [len(found.classes)] * len(files)
+        found.classes.append(name)
+    return found

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from toolkit.core import formats
-from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (part of this module's API)
+from toolkit.core.folders import Labelled, find_images, find_labelled, iter_images  # noqa: F401  (this module's API)
+from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (this module's API)
 
 log = logging.getLogger(__name__)
 RESIZE_POLICIES = ("center_crop", "squash")
@@ -33,81 +34,6 @@ Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check is replaced by open_rgb's 
 
 class DecodeError(Exception):
     """A file that cannot be turned into an RGB image; the message is a short reason."""
-
-
-def iter_images(root: str | Path, skipped: Counter | None = None) -> Iterator[str]:
-    """Image-looking paths under `root`, relative to it, lazily, in a deterministic order.
-
-    Image-looking: an extension of a format the decoder reads (formats.image_extensions). Other
-    files are counted by extension into `skipped` when it is given, so callers can say what
-    they left out.
-
-    Depth first: a folder's image files in name order, then its subfolders in name order, so
-    memory does not grow with the number of files (an explicit stack: any depth works). Names
-    starting with '.' are skipped. Symlinks to files are listed (a dangling one fails at
-    decode); symlinked folders are not followed. A folder named like an image is listed too (it
-    fails at decode: "is a folder"), and its contents are walked like any folder's.
-    """
-    stack = [""]  # relative folders still to walk, the next one last
-    while stack:
-        rel = stack.pop()
-        try:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel))
-        except OSError as e:
-            log.warning("cannot list folder '%s' (%s): images inside it get no rows", Path(root) / rel,
-                        e.strerror or e)
-            continue
-        subdirs = []
-        for name, is_dir in entries:
-            if name.startswith("."):
-                continue
-            if is_image_name(name):
-                yield f"{rel}/{name}" if rel else name
-            elif skipped is not None and not is_dir:
-                skipped[formats.extension_of(name)] += 1
-            if is_dir:
-                subdirs.append(f"{rel}/{name}" if rel else name)
-        stack.extend(reversed(subdirs))
-
-
-def find_images(root: str | Path, skipped: Counter | None = None) -> list[str]:
-    """iter_images as a list."""
-    return list(iter_images(root, skipped))
-
-
-@dataclass
-class Labelled:
-    """A folder of class subfolders, as files: what `find_labelled` found."""
-
-    classes: list[str]  # sorted names of the subfolders holding at least one image file
-    paths: list[str]  # relative to the folder, class by class
-    labels: list[int]  # index into classes, one per path
-    empty: list[str] = field(default_factory=list)  # subfolders without any image file (e.g. __MACOSX)
-    skipped: Counter = field(default_factory=Counter)  # files that are not images, by extension
-
-
-def find_labelled(root: str | Path, exclude: tuple[str, ...] = ()) -> Labelled:
-    """A folder of class subfolders -> its classes, image paths and labels.
-
-    Only subfolders holding at least one image file are classes; the others are listed in
-    `empty`. Names starting with '.' and the names in `exclude` (e.g. split folders) are never
-    classes. Raises FileNotFoundError when `root` is not a folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder '{root}' does not exist")
-    found = Labelled([], [], [])
-    for name in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        if name in exclude:
-            continue
-        files = find_images(root / name, found.skipped)
-        if not files:
-            found.empty.append(name)
-            continue
-        found.paths += [f"{name}/{rel}" for rel in files]
-        found.labels += [len(found.classes)] * len(files)
-        found.classes.append(name)
-    return found
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
