@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,10 @@ def test_train_export_predict_evaluate(tmp_path):
 
     onnx_path = Path(run_toolkit("export", run, "-o", tmp_path / "m.onnx").stdout.strip().splitlines()[-1])
     assert onnx_path == tmp_path / "m.onnx" and onnx_path.stat().st_size > 10_000
+    card = (tmp_path / "m.README.md").read_text()  # the model card gives the exact commands behind the model
+    assert shlex.join(["toolkit", "train", str(ROOT / "configs/quickstart.yaml"), f"data.root={data}",
+                       f"train.out_dir={tmp_path}/runs", "train.epochs=2", "name=cli"]) in card
+    assert shlex.join(["toolkit", "export", str(run), "-o", str(tmp_path / "m.onnx")]) in card
 
     run_toolkit("predict", onnx_path, data / "val", "-o", tmp_path / "p.csv", "--topk", "2")
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))

@@ -133,9 +133,9 @@ def test_prediction_captions_say_why(tmp_path):
     Image.new("RGB", (8, 8), "white").save(tmp_path / "x.png")
     classes = {"cat", "dog"}
     row = {"path": "cat/x.png", "label": "dog", "score": 0.9, "error": ""}
-    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("dog 0.90", "in cat/", pictures.RED)
+    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("0.90 dog", "in cat/", pictures.RED)
     row = {"path": "dog/x.png", "label": "dog", "score": 0.9, "error": ""}
-    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("dog 0.90", "x.png", pictures.GREEN)
+    assert pictures.prediction_tile(tmp_path, row, classes)[1:] == ("0.90 dog", "x.png", pictures.GREEN)
     row = {"path": "holiday/x.png", "label": "dog", "score": 0.9, "error": ""}  # not a class folder: no verdict
     assert pictures.prediction_tile(tmp_path, row, classes)[3] == pictures.INK
 
@@ -155,6 +155,8 @@ def test_tensorboard_tracker(shapes_dir, tmp_path):
                 "name=tb", "train.epochs=2", "train.log_with=tensorboard")
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events and any(b"val_accuracy" in e.read_bytes() for e in events)
+    assert all(e.relative_to(tmp_path / "tb").parts[0] == "tensorboard" for e in events)  # runs/NAME/tensorboard/
+    assert any(b"val_loss" in e.read_bytes() for e in (tmp_path / "tb" / "tensorboard").glob("events.*"))
 
 
 def test_progress_is_plain_lines_when_not_a_terminal(shapes_dir, tmp_path):
@@ -168,3 +170,90 @@ def test_debug_shows_the_traceback():
     debug = run_toolkit("--debug", "train", "configs/nope.yaml", check=False, cwd=ROOT)
     assert "Traceback" not in plain.stderr and plain.returncode == 2
     assert "Traceback" in debug.stderr and "UserError" in debug.stderr
+
+
+# --- the run report answers its questions ------------------------------------------------------
+
+
+def test_validation_loss_is_the_mean_loss_of_the_best_weights_on_the_validation_images(tiny_run):
+    import torch
+
+    from toolkit.config import load_config
+    from toolkit.train import data
+    from toolkit.train.weights import build_model
+
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["val_accuracy"])
+    cfg = load_config(tiny_run / "config.yaml")
+    ds = data.load_dataset(cfg.data, cfg.seed, make=False)
+    x, y = data.sample_images(ds.val, cfg.data, range(len(ds.val)))
+    net, meta = build_model(tiny_run / "best.safetensors")
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(net(data.Normalize(meta.mean, meta.std)(x)), y).item()
+    assert all("val_loss" in r for r in records)
+    assert best["val_loss"] == pytest.approx(loss, abs=1e-4)
+
+
+def test_curves_draw_the_validation_loss_beside_the_training_loss(tmp_path):
+    from toolkit.train import report
+
+    records = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 + 0.1 * e, "val_accuracy": 0.5, "lr": 0.1}
+               for e in range(1, 6)]
+    orange = []
+    for name, recs in (("with.png", records), ("without.png", [{k: v for k, v in r.items() if k != "val_loss"}
+                                                               for r in records])):
+        report.plot_curves(recs, tmp_path / name, "t")
+        a = np.asarray(_png(tmp_path / name).convert("RGB")).astype(int)
+        loss_panel = a[:, : a.shape[1] // 3]
+        orange.append(((abs(loss_panel[..., 0] - 0xDD) < 30) & (abs(loss_panel[..., 1] - 0x88) < 30)
+                       & (abs(loss_panel[..., 2] - 0x44) < 30)).sum())
+    assert orange[0] > 200 and orange[1] < 20  # the validation line (and its legend entry) only when logged
+
+
+def test_micro_and_macro_accuracy_are_named_where_both_appear(tiny_run):
+    rows = [{"class": "a", "correct": 9, "total": 10}, {"class": "b", "correct": 0, "total": 2}]
+    from toolkit.train.report import accuracies
+
+    assert accuracies(rows) == (pytest.approx(9 / 12), pytest.approx(0.45))
+    text = (tiny_run / "report" / "report.md").read_text()
+    per_class = list(csv.DictReader(open(tiny_run / "report" / "per_class.csv")))
+    macro = np.mean([int(r["correct"]) / int(r["total"]) for r in per_class])
+    assert f"macro (mean of the per-class accuracies): {100 * macro:.2f}%" in text
+    assert "best validation accuracy (micro: correct / images): **" in text
+
+
+def test_confusion_axis_labels_clear_the_class_names():
+    from toolkit.train import report
+
+    classes = ["portrait_of_grace_hopper", "shaded_relief_terrain_map", "ocean_floor_bathymetry", "x"]
+    fig = report.confusion_figure(np.eye(4, dtype=int) * 3 + 1, classes, "t")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    left, right = fig.axes[:2]
+    for ax in (left, right):
+        label = ax.yaxis.label.get_window_extent(renderer)
+        assert ax.yaxis.label.get_text() == "true class"
+        for tick in ax.get_yticklabels():
+            assert not label.overlaps(tick.get_window_extent(renderer)), tick.get_text()
+    # the right matrix's "true class" stays clear of the left matrix and its colour scale
+    assert not right.yaxis.label.get_window_extent(renderer).overlaps(left.get_tightbbox(renderer))
+
+
+def test_report_rebuilds_the_report_of_a_stopped_run(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "stopped"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "report")  # a run stopped before its end has weights and metrics, no report
+    proc = run_toolkit("report", run)
+    assert proc.stdout.strip() == str(run / "report" / "report.md")
+    original = (tiny_run / "report" / "per_class.csv").read_text()
+    assert (run / "report" / "per_class.csv").read_text() == original  # the confusion the run recorded
+    for name in ("curves.png", "per_class.png", "confusion.png", "validation.png"):
+        _png(run / "report" / name)
+    shutil.rmtree(run / "state")  # no state to take the confusion from: the best weights are evaluated
+    shutil.rmtree(run / "report")
+    run_toolkit("report", run)
+    assert (run / "report" / "per_class.csv").read_text() == original
+    bad = run_toolkit("report", tmp_path, check=False)
+    assert bad.returncode == 2 and "is not a run directory (no config.yaml)" in bad.stderr

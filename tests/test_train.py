@@ -206,8 +206,8 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     for view, pred in enumerate((plain_pred, tta_pred)):
         for t, p in zip(y, pred):
             want[view, t, p] += 1
-    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=False), want[:1])
-    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=True), want)  # [0] stays the plain figure
+    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=False)[0], want[:1])
+    assert torch.equal(evaluate(model, source, shards, norm, 3, tta=True)[0], want)  # [0] stays the plain figure
 
 
 def test_stop_at_accuracy_ends_the_run_early(tmp_path):

@@ -1,4 +1,5 @@
-"""`toolkit` command line: data, train, config, evaluate, export, predict, preview, inspect, models, completion.
+"""`toolkit` command line: data, train, config, evaluate, export, predict, preview, inspect, report, models,
+completion.
 
 Each command imports its stage lazily, so `toolkit --help` and `toolkit predict` start
 fast and predict never imports torch. Errors a user can cause are one line; --debug
@@ -168,6 +169,13 @@ def cmd_inspect(args) -> None:
     print(inspect(args.image, size, resize, mean, std))
 
 
+def cmd_report(args) -> None:
+    from toolkit.train.rebuild import rebuild_report
+
+    out = rebuild_report(args.run)
+    print(out / "report.md")
+
+
 def cmd_models(args) -> None:
     from toolkit.train.catalog import builtin_models  # the names without importing torch
 
@@ -290,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", help="use this model's input size, resize policy, mean and std (.onnx or run dir)")
     n.add_argument("--size", type=int, default=32, help="side in pixels after resizing (without --model)")
     n.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
+
+    rp = add("report", cmd_report, "write the report of a run again (e.g. one that was stopped before it finished)",
+             "toolkit report runs/quickstart")
+    rp.add_argument("run", help="run directory (train.out_dir/<name>)")
 
     add("models", cmd_models, "list the registered model architectures", "toolkit models")
     c = add("completion", cmd_completion, "print a shell completion script (commands, options, config keys)",

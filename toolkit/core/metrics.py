@@ -8,8 +8,12 @@ import numpy as np
 
 
 def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: float, lr: float,
-                   elapsed: float, images: int) -> dict:
-    """One line of metrics.jsonl from a (C, C) confusion matrix (rows true, columns predicted)."""
+                   elapsed: float, images: int, val_loss: float | None = None) -> dict:
+    """One line of metrics.jsonl from a (C, C) confusion matrix (rows true, columns predicted).
+
+    `val_accuracy` is micro accuracy (correct / images); the mean of `per_class` is the macro accuracy.
+    `loss` is the mean training loss of the epoch, `val_loss` the mean loss over the validation images.
+    """
     c = np.asarray(confusion, dtype=np.int64)
     per_class_total = c.sum(1)
     n = int(c.sum())
@@ -17,6 +21,7 @@ def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: f
         "epoch": epoch,
         "step": step,
         "train_loss": round(loss, 6),
+        **({"val_loss": round(val_loss, 6)} if val_loss is not None else {}),
         "val_accuracy": float(np.trace(c) / n) if n else 0.0,
         "val_count": n,
         "per_class": {name: float(c[i, i] / per_class_total[i]) if per_class_total[i] else None

@@ -171,12 +171,12 @@ def prediction_tile(root: Path, row: dict, classes: set[str]) -> tuple:
     if row["error"]:
         return None, name, row["error"], RED
     folder = Path(row["path"]).parent.name
-    line1 = f"{row['label']} {float(row['score']):.2f}"
+    line1 = f"{float(row['score']):.2f} {row['label']}"  # the score first: a long class name is cut, not it
     if folder not in classes:
         return show(root / row["path"]), line1, name, INK
     if row["label"] == folder:
         return show(root / row["path"]), line1, name, GREEN
-    return show(root / row["path"]), line1, fit_end(f"in {folder}/"), RED
+    return show(root / row["path"]), line1, f"in {folder}/", RED  # a class name is cut at its end, like labels
 
 
 def predictions_grid(root: Path, rows: list[dict], out: str | Path, classes: list[str] = (), total: int = 0,
@@ -203,9 +203,9 @@ def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray
     tiles = []
     for i in order[:n]:
         ok = predicted[i] == truth[i]
-        tiles.append((pixels[i], f"{classes[predicted[i]]} {scores[i]:.2f}", "" if ok else f"true: {classes[truth[i]]}",
+        tiles.append((pixels[i], f"{scores[i]:.2f} {classes[predicted[i]]}", "" if ok else f"true: {classes[truth[i]]}",
                       GREEN if ok else RED))
-    title = f"validation: {len(wrong)} mistakes of {len(truth)} shown first (predicted, score; true class)"
+    title = f"validation: {len(wrong)} mistakes of {len(truth)} shown first (score and predicted class; true class)"
     grid(tiles, columns, title).save(out)
 
 

@@ -44,23 +44,31 @@ class NonFiniteLoss(UserError):
 
 
 @torch.no_grad()
-def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last: bool = False):
+def evaluate(model, source, shards, normalize, num_classes: int, tta: bool = False, channels_last: bool = False,
+             criterion: nn.Module | None = None):
     """This process's confusion matrices (rows true, columns predicted) over its shards: (1, C, C) int64,
     or with `tta` (2, C, C): [0] the image alone, which is what the exported model computes and what
-    is stored and selects the best epoch, [1] the average of the image and its horizontal flip."""
+    is stored and selects the best epoch, [1] the average of the image and its horizontal flip. And the
+    sum of `criterion` (default: cross-entropy) over its images, for the image alone, as a 0-d float
+    tensor: the validation loss is that sum over every process divided by the images counted in [0]."""
     model.eval()
-    confusion = torch.zeros(1 + tta, num_classes, num_classes, dtype=torch.int64, device=normalize.gain.device)
+    device = normalize.gain.device
+    confusion = torch.zeros(1 + tta, num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    criterion = criterion or nn.CrossEntropyLoss()
     for x, y in source(shards):
         x = normalize(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = model(x).float()
         keep = y >= 0  # -100 marks an unreadable file (streaming source)
+        if keep.any():
+            loss_sum += criterion(logits[keep], y[keep]).float() * int(keep.sum())
         views = [logits, logits + model(x.flip(3)).float()] if tta else [logits]
         for v, z in enumerate(views):
             confusion[v] += torch.bincount(y[keep] * num_classes + z.argmax(1)[keep],
                                            minlength=num_classes**2).view(num_classes, num_classes)
-    return confusion
+    return confusion, loss_sum
 
 
 @dataclass
@@ -131,7 +139,8 @@ def _set_up(cfg: Config) -> Run:
               val_src=data.BatchSource(ds.val, cfg.data, device, workers),
               val_shards=data.eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size)),
               meta=Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
-                        resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash()),
+                        resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash(),
+                        extra={"train_command": rundir.command_line()} if rundir.command_line() else {}),
               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),  # ignores label -100
               augment=Augment.from_config(cfg.data, cfg.seed),
               total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs)
@@ -227,12 +236,13 @@ def _evaluate_and_save(run: Run, loss_mean: float, images: int, elapsed: float) 
     """Evaluate every validation image once (all processes), log the record, save last/best weights."""
     accelerator, st, cfg = run.accelerator, run.state, run.cfg
     _sync_buffers(run.raw_model, accelerator.num_processes)
-    confusions = accelerator.reduce(evaluate(run.raw_model, run.val_src, run.val_shards, run.normalize,
-                                             len(run.ds.classes), cfg.train.eval_tta, cfg.model.channels_last),
-                                    "sum").cpu()
+    confusions, val_loss = evaluate(run.raw_model, run.val_src, run.val_shards, run.normalize, len(run.ds.classes),
+                                    cfg.train.eval_tta, cfg.model.channels_last, run.criterion)
+    confusions, val_loss = accelerator.reduce(confusions, "sum").cpu(), accelerator.reduce(val_loss, "sum").item()
     confusion = confusions[0]  # the plain figure: what the exported model delivers
     record = metrics_record(confusion, run.ds.classes, st.epoch, st.step, loss_mean,
-                            run.optimizer.param_groups[0]["lr"], elapsed, images)
+                            run.optimizer.param_groups[0]["lr"], elapsed, images,
+                            val_loss=val_loss / max(1, int(confusion.sum())))
     if len(confusions) > 1:  # flip TTA, reported beside it, never stored as val_accuracy
         record["val_accuracy_tta"] = float(confusions[1].trace() / max(1, int(confusions[1].sum())))
     improved = record["val_accuracy"] > st.best_accuracy

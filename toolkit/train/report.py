@@ -23,18 +23,26 @@ def _pyplot():
 
 def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -> None:
     """Confusion matrix, counts (left) and normalised per true class (right)."""
+    fig = confusion_figure(confusion, classes, title)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def confusion_figure(confusion, classes: list[str], title: str = ""):
+    """The matplotlib Figure of plot_confusion."""
     plt = _pyplot()
     c = np.asarray(confusion, dtype=np.int64)
     rate = c / np.maximum(c.sum(1, keepdims=True), 1)
     k = len(classes)
     side = min(2.5 + 0.5 * k, 16)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    # constrained layout places the axis labels outside the tick labels, however long the class names
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), layout="constrained")
     for ax, values, fmt, label in ((axes[0], c, "d", "images"), (axes[1], rate, ".2f", "fraction of the true class")):
         im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(k), classes, rotation=45, ha="right")
         ax.set_yticks(range(k), classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
         ax.set_title(label)
         if k <= 25:
             for i in range(k):
@@ -42,47 +50,65 @@ def plot_confusion(confusion, classes: list[str], path: Path, title: str = "") -
                     if c[i, j]:
                         ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=7,
                                 color="white" if rate[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=axes, fraction=0.025)
+    fig.colorbar(im, ax=axes, fraction=0.025, label="fraction of the true class")
     fig.suptitle(title or f"confusion matrix ({c.sum()} images)")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    return fig
+
+
+def accuracies(rows: list[dict]) -> tuple[float, float]:
+    """(micro, macro) accuracy of per-class rows: correct / images, and the mean of the classes' accuracies
+    (classes without images left out). They differ when classes have different sizes."""
+    micro = sum(r["correct"] for r in rows) / max(1, sum(r["total"] for r in rows))
+    scored = [r["correct"] / r["total"] for r in rows if r["total"]]
+    return micro, float(np.mean(scored)) if scored else 0.0
 
 
 def plot_per_class(rows: list[dict], path: Path, title: str) -> None:
     plt = _pyplot()
     names = [r["class"] for r in rows]
     acc = [100 * (r["accuracy"] or 0) for r in rows]
+    micro, macro = accuracies(rows)
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows) + 2), 4))
-    bars = ax.bar(range(len(rows)), acc, color=["#2a7" if a >= np.mean(acc) else "#d84" for a in acc])
+    bars = ax.bar(range(len(rows)), acc, color=["#2a7" if a >= 100 * macro else "#d84" for a in acc])
     ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
-    ax.axhline(np.mean(acc), color="grey", lw=1, ls="--", label=f"mean {np.mean(acc):.1f}%")
+    ax.axhline(100 * macro, color="grey", lw=1, ls="--", label=f"macro (mean of classes) {100 * macro:.2f}%")
+    ax.axhline(100 * micro, color="#26a", lw=1, ls=":", label=f"micro (all images) {100 * micro:.2f}%")
     if len(rows) <= 30:
         ax.bar_label(bars, [f"{a:.0f}" for a in acc], fontsize=7)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     ax.set_title(title)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
-    """Training loss, validation accuracy and learning rate per evaluated epoch."""
+    """Training and validation loss, validation accuracy and learning rate per evaluated epoch."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", ms=3)
-    axes[0].set_title("training loss")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+    axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", ms=3, color="#26a", label="training (epoch mean)")
+    if any("val_loss" in r for r in records):  # records from before val_loss was logged have none
+        axes[0].plot([r["epoch"] for r in records if "val_loss" in r], [r["val_loss"] for r in records
+                     if "val_loss" in r], "s-", ms=3, color="#d84", label="validation")
+    losses = [r[k] for r in records for k in ("train_loss", "val_loss") if k in r]
+    if min(losses) > 0 and max(losses) / min(losses) > 20:
+        axes[0].set_yscale("log")  # late epochs differ by factors, not by amounts
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("loss: validation rising while training falls = overfitting", fontsize=10, loc="left")
     axes[1].plot(epochs, [100 * r["val_accuracy"] for r in records], "o-", ms=3, color="#2a7")
     best = max(records, key=lambda r: r["val_accuracy"])
     axes[1].plot([best["epoch"]], [100 * best["val_accuracy"]], "*", ms=12, color="#d84")
-    axes[1].set_title(f"validation accuracy (%): best {100 * best['val_accuracy']:.1f} at epoch {best['epoch']}")
+    axes[1].set_title(f"validation accuracy (micro, %)\nbest {100 * best['val_accuracy']:.2f} at epoch "
+                      f"{best['epoch']}", fontsize=10)
     axes[2].plot(epochs, [r["lr"] for r in records], "o-", ms=3, color="#888")
-    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_title("learning rate (end of epoch)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, y=1.04)
+    fig.suptitle(title)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
@@ -140,18 +166,21 @@ def write_report(run_dir: Path, classes: list[str], confusion, epoch: int, valid
 def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, pictures: list[str]) -> str:
     best = max(records, key=lambda r: r["val_accuracy"])
     speed = sorted(r["images_per_s"] for r in records)[len(records) // 2]
+    _, macro = accuracies(rows)
     worst = sorted((r for r in rows if r["accuracy"] is not None), key=lambda r: r["accuracy"])[:3]
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     lines = [
         f"# {run_dir.name}", "",
-        f"- best validation accuracy: **{100 * best['val_accuracy']:.2f}%** at epoch {epoch} "
-        f"({best['val_count']} validation images)",
+        f"- best validation accuracy (micro: correct / images): **{100 * best['val_accuracy']:.2f}%** at epoch "
+        f"{epoch} ({best['val_count']} validation images); macro (mean of the per-class accuracies): "
+        f"{100 * macro:.2f}%",
         f"- epochs run: {records[-1]['epoch']}; training time {sum(r['epoch_time_s'] for r in records):.1f} s; "
         f"median {speed:,.0f} training images/s",
         "- weakest classes: " + ", ".join(f"{r['class']} {100 * r['accuracy']:.1f}%" for r in worst), "",
     ]
-    captions = {"curves.png": "Training loss, validation accuracy and learning rate per epoch.",
-                "per_class.png": "Validation accuracy per class at the best epoch.",
+    captions = {"curves.png": "Training and validation loss, validation accuracy and learning rate per epoch.",
+                "per_class.png": "Validation accuracy per class at the best epoch; dashed: their mean (macro), "
+                                 "dotted: all images together (micro).",
                 "confusion.png": "Where the model confuses classes: counts, and fractions of each true class.",
                 "validation.png": "Validation images with the predicted class and score; mistakes first, "
                                   "with their true class in red."}

@@ -72,12 +72,36 @@ def start(cfg: Config):
                         "GPUs launch with ACCELERATE_USE_CPU=true (see launch/cpu_ddp.yaml)")
     run_dir = broadcast_object_list([resolve_run_dir(cfg) if partial.is_main_process else None])[0]
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=cfg.train.log_with or None, project_dir=str(run_dir))
+                              log_with=_trackers(cfg.train.log_with, Path(run_dir)), project_dir=str(run_dir))
     if cfg.train.log_with and not accelerator.log_with:  # accelerate drops trackers whose package is missing
         raise UserError(f"train.log_with={cfg.train.log_with}: its package is not installed "
                         f"(tensorboard: pip install tensorboardX; wandb: pip install wandb; ...)")
     logging.getLogger("toolkit").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     return accelerator, Path(run_dir)
+
+
+def _trackers(log_with: str, run_dir: Path) -> list | None:
+    """accelerate's log_with. TensorBoard writes to <run>/tensorboard/, where a user looks (accelerate's own
+    tracker would write to <run>/<name>/); the others keep accelerate's defaults."""
+    if log_with != "tensorboard":
+        return [log_with] if log_with else None
+    from accelerate.tracking import TensorBoardTracker
+    from accelerate.utils import is_tensorboard_available
+
+    return [TensorBoardTracker("tensorboard", run_dir)] if is_tensorboard_available() else []
+
+
+def command_line() -> str:
+    """The `toolkit ...` command that started this process, as typed; "" when train() was called from Python."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv)
+    script = Path(argv[0]) if argv else Path()
+    if not (script.name == "toolkit" or script.parts[-2:] == ("toolkit", "__main__.py")):
+        return ""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return shlex.join(["toolkit", *argv[1:]]) + (f"  # in each of {world} launched processes" if world > 1 else "")
 
 
 def finish(accelerator) -> None:
