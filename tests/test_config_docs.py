@@ -109,3 +109,14 @@ def test_bash_completion_completes_commands_options_and_config_keys(tmp_path):
     assert complete("toolkit", "--debug", "config", "x.yaml", "data.batch") == ["data.batch_size="]
     assert complete("toolkit", "export", "--min") == ["--min-agreement"]
     assert complete("toolkit", "predict", "optim.l") == []  # config keys only where a config is read
+
+
+def test_train_from_python_checks_the_model_before_the_data(tmp_path):
+    from toolkit import UserError
+    from toolkit.train import train
+
+    root = tmp_path / "shapes"  # generated on first use, were the data touched
+    cfg = load_config(None, ["model.arch=resnet_smal", f"data.root={root}", f"train.out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="did you mean 'resnet_small'"):
+        train(cfg)
+    assert not root.exists() and not list(tmp_path.iterdir())

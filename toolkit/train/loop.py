@@ -32,7 +32,8 @@ from toolkit.core.meta import Meta
 from toolkit.core.metrics import metrics_record
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
-from toolkit.train.models import create_model
+from toolkit.train.catalog import check_arch
+from toolkit.train.models import create_model, list_models
 from toolkit.train.optim import build_optimizer, lr_at
 from toolkit.train.state import TrainState
 
@@ -116,6 +117,7 @@ def train(cfg: Config) -> Path:
 
 def _set_up(cfg: Config) -> Run:
     """Accelerator, data, model (fresh or from the resume state), optimizer, batch sources, run folder."""
+    check_arch(cfg.model.arch, list_models())  # a misspelt model fails before any data is generated or read
     accelerator, run_dir = rundir.start(cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     with accelerator.main_process_first():  # one process generates and caches, the others read
