@@ -3,16 +3,12 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, run_toolkit
 from toolkit import UserError
@@ -23,58 +19,8 @@ from toolkit.predict import predict, table
 from toolkit.predict.runtime import OnnxClassifier
 
 
-@pytest.fixture(scope="module")
-def onnx_file(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
-
-
 def _rows(path):
     return list(table.read_rows(Path(path)))
-
-
-def _bomb_png(path: Path, side: int = 100_000):
-    """A tiny PNG whose header claims side x side pixels (a decompression bomb)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
-                     + chunk(b"IEND", b""))
-
-
-@pytest.fixture
-def corpus(shapes_dir, tmp_path):
-    """Good images, odd-but-valid images and every kind of broken file; -> (root, expected errors)."""
-    root = tmp_path / "in"
-    shutil.copytree(shapes_dir / "val" / "star", root / "stars")
-    shutil.copytree(shapes_dir / "val" / "ring", root / "more" / "rings")
-    odd = root / "odd"
-    odd.mkdir()
-    star = Image.open(next((root / "stars").iterdir())).convert("RGB").resize((40, 30))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    star.save(odd / "rotated.jpg", exif=exif)
-    star.convert("CMYK").save(odd / "cmyk.jpg")
-    pal = star.convert("P")
-    pal.save(odd / "palette.png", transparency=0)
-    star.convert("LA").save(odd / "grey_alpha.png")
-    Image.fromarray((np.asarray(star.convert("L")).astype(np.uint16) * 257)).save(odd / "grey16.png")
-    star.save(odd / "anim.gif", save_all=True, append_images=[star.rotate(90)])
-    star.save(odd / "UPPER.JPEG")
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "empty.png").write_bytes(b"")
-    data = (root / "stars" / sorted(os.listdir(root / "stars"))[0]).read_bytes()
-    (bad / "truncated.png").write_bytes(data[: len(data) // 2])
-    (bad / "text.jpg").write_text("not really a picture")
-    (bad / "random.webp").write_bytes(np.random.default_rng(0).bytes(3000))
-    _bomb_png(bad / "bomb.png")
-    (bad / "dangling.png").symlink_to(bad / "gone.png")
-    (bad / "folder.jpg").mkdir()
-    (bad / "readme.txt").write_text("not image-looking: no row")
-    expected = {"bad/empty.png": "empty file", "bad/truncated.png": "corrupt image", "bad/text.jpg": "not an image",
-                "bad/random.webp": "not an image", "bad/bomb.png": "too many pixels",
-                "bad/dangling.png": "missing or dangling link", "bad/folder.jpg": "is a folder"}
-    return root, expected
 
 
 def _fingerprint(root: Path) -> dict:

@@ -132,7 +132,8 @@ def cmd_predict(args) -> None:
     summary = predict(args.model, args.input_dir, args.output, batch_size=args.batch_size, topk=args.topk,
                       workers=args.workers, threads=args.threads, device=args.device, resume=args.resume,
                       overwrite=args.overwrite, max_pixels=args.max_pixels, fallback=_fallback(args),
-                      grid=args.grid, grid_count=args.grid_count, outputs=args.outputs)
+                      grid=args.grid, grid_count=args.grid_count, outputs=args.outputs, engine=args.engine,
+                      chunk_size=args.chunk_size, address=args.address)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # the main process merges the parts and reports
     for name, n in summary["per_class"].items():
@@ -257,19 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("predict", cmd_predict, "predict every image under a folder with an ONNX model",
             "toolkit predict exported/quickstart.onnx photos/ -o predictions.csv --topk 3")
     r.add_argument("model", help="ONNX file written by toolkit export")
-    r.add_argument("input_dir", help="folder of images (searched recursively)")
+    r.add_argument("input_dir", help="folder of images (searched recursively), or a URL (s3://bucket/photos)")
     r.add_argument("-o", "--output", default="predictions.csv",
-                   help=".csv, .jsonl or .parquet (with pyarrow); default predictions.csv")
+                   help=".csv, .jsonl or .parquet (with pyarrow), a path or a URL; default predictions.csv. "
+                        "--engine ray: any other name is a folder of Parquet part files")
     r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--topk", type=int, default=1, help="write the k best classes: label,score (the best) then top2_label,top2_score ... topK_*")
     r.add_argument("--resume", action="store_true", help="continue an interrupted output (same model and folder)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
     r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="cuda is an error when unavailable; auto uses CUDA when present")
-    r.add_argument("--workers", type=int, default=0, help="decode processes (default: the cores of this process)")
+    r.add_argument("--workers", type=int, default=0, help="decode processes (default: the cores of this process); "
+                                                               "--engine ray: inference actors (default: one per "
+                                                               "CPU, or per GPU with --device cuda)")
     r.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: onnxruntime's choice)")
     r.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="refuse larger images (decompression bombs), checked before decoding")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: Ray Data, on a local Ray or --address")
+    r.add_argument("--address", help="--engine ray: the Ray cluster (host:6379, ray://host:10001, auto); "
+                                     "default $RAY_ADDRESS, else a local Ray on this machine's cores")
+    r.add_argument("--chunk-size", type=int, default=1024,
+                   help="--engine ray: files per part file and per Ray task (a multiple of --batch-size)")
     r.add_argument("--grid", help="also draw predictions spread across the output into this PNG (captions coloured by "
                                         "agreement with the class folder when INPUT has class subfolders)")
     r.add_argument("--grid-count", type=int, default=32, help="images in --grid (default 32)")

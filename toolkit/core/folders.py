@@ -62,7 +62,7 @@ def find_layout(root: str | Path) -> Layout:
                                      f"no {', '.join(n + '/' for n in VAL_NAMES)} or {TEST_NAME}/ folder)")
 
 
-def iter_images(root: str | Path, skipped: Counter | None = None) -> Iterator[str]:
+def iter_images(root: str | Path, skipped: Counter | None = None, list_dir=None) -> Iterator[str]:
     """Image-looking paths under `root`, relative to it, lazily, in a deterministic order.
 
     Image-looking: an extension of a format the decoder reads (formats.image_extensions). Other
@@ -74,14 +74,17 @@ def iter_images(root: str | Path, skipped: Counter | None = None) -> Iterator[st
     starting with '.' are skipped. Symlinks to files are listed (a dangling one fails at
     decode); symlinked folders are not followed. A folder named like an image is listed too (it
     fails at decode: "is a folder"), and its contents are walked like any folder's.
+    `list_dir(rel) -> [(name, is_folder), ...]` lists another kind of storage (object storage keys)
+    for the same walk; it raises OSError for a folder that cannot be listed.
     """
+    list_dir = list_dir or (lambda rel: [(e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel)])
     stack = [""]  # relative folders still to walk, the next one last
     while stack:
         rel = stack.pop()
         try:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel))
+            entries = sorted(list_dir(rel))
         except OSError as e:
-            log.warning("cannot list folder '%s' (%s): images inside it get no rows", Path(root) / rel,
+            log.warning("cannot list folder '%s' (%s): images inside it get no rows", f"{root}/{rel}".rstrip("/"),
                         e.strerror or e)
             continue
         subdirs = []

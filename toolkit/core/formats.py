@@ -64,12 +64,18 @@ def describe_skipped(skipped: dict[str, int], limit: int = 6) -> str:
 
 
 def unsupported_format(path) -> str | None:
-    """A short name of the image format of a file PIL did not identify, if its first bytes tell one."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return None
+    """A short name of the image format of a file PIL did not identify, if its first bytes tell one.
+    `path` may be an open binary file (the bytes of a file read from object storage): it is rewound."""
+    if hasattr(path, "read"):
+        path.seek(0)
+        head = path.read(16)
+        path.seek(0)
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            return None
     if head[:4] in TIFF_MAGIC:
         return "TIFF"
     for offset, magic, name in OTHER_MAGIC:

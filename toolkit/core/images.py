@@ -8,6 +8,7 @@ the exported graph. numpy and PIL only: predict imports this without torch.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -65,23 +66,29 @@ def _needs_exif_transpose(img: Image.Image) -> bool:
     return img.format in ("TIFF", "MPO") or "exif" in img.info or "Raw profile type exif" in img.info
 
 
-def open_rgb(path: str | Path, max_pixels: int = 89_478_485, draft_size: int | None = None) -> Image.Image:
-    """Decode `path` as an RGB image, first frame, EXIF orientation applied.
+def open_rgb(path: str | Path | bytes, max_pixels: int = 89_478_485, draft_size: int | None = None) -> Image.Image:
+    """Decode `path` (or the bytes of a file, e.g. read from object storage) as an RGB image, first
+    frame, EXIF orientation applied.
 
     Raises DecodeError with a short reason. The pixel cap is checked from the header,
     before any pixel data is decoded. `draft_size` lets JPEG decode at a reduced scale
     (never below that size on the shorter side), which is much faster for big photos.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DecodeError("missing or dangling link") from None
-    except OSError as e:
-        raise DecodeError(f"unreadable ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise DecodeError("is a folder")
-    if st.st_size == 0:
-        raise DecodeError("empty file")
+    if isinstance(path, bytes):
+        if not path:
+            raise DecodeError("empty file")
+        path = io.BytesIO(path)
+    else:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DecodeError("missing or dangling link") from None
+        except OSError as e:
+            raise DecodeError(f"unreadable ({e.strerror or e})") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise DecodeError("is a folder")
+        if st.st_size == 0:
+            raise DecodeError("empty file")
     try:
         try:
             img = Image.open(path)
@@ -153,8 +160,8 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarr
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load(path: str | Path, size: int, policy: str = "center_crop", max_pixels: int = 89_478_485) -> np.ndarray:
-    """The preprocessing definition: file -> (size, size, 3) uint8 RGB. Raises DecodeError."""
+def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = 89_478_485) -> np.ndarray:
+    """The preprocessing definition: file (a path or its bytes) -> (size, size, 3) uint8 RGB. Raises DecodeError."""
     img = open_rgb(path, max_pixels=max_pixels, draft_size=size)
     return resize(img, size, policy)
 
@@ -169,13 +176,25 @@ class Batch:
     ok: np.ndarray  # (len(paths),) bool
     errors: dict[int, str]  # position in paths -> short reason
 
+    def reasons(self) -> list[str]:
+        """Per path, in order: "" when it decoded, else the short reason it could not be used."""
+        return ["" if ok else self.errors.get(i) or "unreadable" for i, ok in enumerate(self.ok)]
 
-def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels: int) -> Batch:
-    """Decode `paths` (relative to `root`) into one Batch; never raises for a bad file."""
+
+def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels: int,
+                 blobs: list | None = None) -> Batch:
+    """Decode `paths` (relative to `root`) into one Batch; never raises for a bad file.
+
+    `blobs`: the files' contents already read (object storage), one per path: bytes, or a
+    DecodeError when the file could not be read; then nothing is opened under `root`.
+    """
     arrays, ok, errors = [], np.zeros(len(paths), dtype=bool), {}
     for i, rel in enumerate(paths):
         try:
-            arrays.append(load(os.path.join(root, rel), size, policy, max_pixels))
+            source = os.path.join(root, rel) if blobs is None else blobs[i]
+            if isinstance(source, DecodeError):
+                raise source
+            arrays.append(load(source, size, policy, max_pixels))
             ok[i] = True
         except DecodeError as e:
             errors[i] = str(e)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 from toolkit import UserError
-from toolkit.core.images import iter_images
 from toolkit.predict.table import RowWriter, Tally, read_rows, staging_path
 
 log = logging.getLogger(__name__)
@@ -73,14 +72,17 @@ def read_record(path: Path) -> dict | None:
 
 def check_same_run(record: dict, run: dict) -> None:
     """Resume only what the same model wrote from the same folder with the same settings."""
+    if record.get("engine", "local") != run.get("engine", "local"):
+        raise UserError(f"the output was written by the {record.get('engine', 'local')} engine; resume it with "
+                        f"--engine {record.get('engine', 'local')}, or use --overwrite or a new output")
     if record.get("model_sha256") != run["model_sha256"]:
         raise UserError(f"the output was written with another model ({record.get('model')}); refusing to resume "
                         f"with '{run['model']}': predictions of two models would be mixed")
     for key, what in (("input_dir", "input folder"), ("world_size", "number of processes"), ("topk", "--topk"),
                       ("max_pixels", "--max-pixels"), ("fallback", "--classes/--size/--mean/--std/--resize"),
-                      ("format", "output format"), ("outputs", "--outputs")):
-        if record.get(key) != run[key]:
-            raise UserError(f"the output was written with another {what} ({record.get(key)!r}, now {run[key]!r}); "
+                      ("format", "output format"), ("outputs", "--outputs"), ("chunk_size", "--chunk-size")):
+        if record.get(key) != run.get(key):
+            raise UserError(f"the output was written with another {what} ({record.get(key)!r}, now {run.get(key)!r}); "
                             "resume with the same settings, or use --overwrite or a new output")
 
 
@@ -102,9 +104,9 @@ def prepare(out: Path, sidecar: Path, target: Path, rank: int, resume: bool, ove
     marker_path(target).unlink(missing_ok=True)
 
 
-def merge(out: Path, final_rows: Path, fmt: str, world: int, run: dict, root: Path, topk: int) -> Tally:
-    """Main process: wait for every part of this run, check it is whole, interleave them, remove the parts."""
-    total = sum(1 for _ in iter_images(root))
+def merge(out: Path, final_rows: Path, fmt: str, world: int, run: dict, total: int, topk: int) -> Tally:
+    """Main process: wait for every part of this run (`total` files), check it is whole, interleave them,
+    remove the parts."""
     parts = [part_path(out, fmt, r, world) for r in range(world)]
     expected = [len(range(r, total, world)) for r in range(world)]
     waited = 0.0

@@ -25,8 +25,10 @@ import toolkit.predict.table as table
 from toolkit import UserError
 from toolkit.core import formats, images
 from toolkit.predict.runtime import OnnxClassifier, resolve_outputs, validate_model
+from toolkit.predict.storage import Location, is_url, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
 
 
 _SESSIONS: dict[str, OnnxClassifier] = {}  # per process: each decode worker loads the model once
@@ -34,8 +36,7 @@ _SESSIONS: dict[str, OnnxClassifier] = {}  # per process: each decode worker loa
 
 def _rows(clf: OnnxClassifier, batch: images.Batch, topk: int) -> list[dict]:
     probs = clf.probabilities(batch.pixels) if len(batch.pixels) else np.zeros((0, clf.meta.num_classes))
-    errors = ["" if ok else batch.errors.get(i) or "unreadable" for i, ok in enumerate(batch.ok)]
-    return table.rows_for(batch.paths, errors, probs, clf.meta.class_names, topk)
+    return table.rows_for(batch.paths, batch.reasons(), probs, clf.meta.class_names, topk)
 
 
 def _load_session(model: str, fallback: dict | None, outputs: str) -> None:
@@ -50,22 +51,18 @@ def _load_session(model: str, fallback: dict | None, outputs: str) -> None:
         pass
 
 
-def _answer(paths: list[str], root: str, model: str, fallback: dict | None, outputs: str, topk: int,
+def _answer(paths: list[str], source: Location, model: str, fallback: dict | None, outputs: str, topk: int,
             max_pixels: int) -> list[dict]:
     """In a worker: decode `paths` and predict them; -> their rows."""
     if model not in _SESSIONS:
         _load_session(model, fallback, outputs)
     clf = _SESSIONS[model]
-    batch = images.decode_chunk(paths, root, clf.meta.image_size, clf.meta.resize, max_pixels)
-    return _rows(clf, batch, topk)
+    return _rows(clf, source.decode(paths, clf.meta.image_size, clf.meta.resize, max_pixels), topk)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _decode(paths: list[str], source: Location, size: int, policy: str, max_pixels: int) -> images.Batch:
+    """In a worker (GPU runs): decode only."""
+    return source.decode(paths, size, policy, max_pixels)
 
 
 def _process() -> tuple[int, int, int, int]:
@@ -85,7 +82,8 @@ def _process() -> tuple[int, int, int, int]:
 def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv", batch_size: int = 128,
             topk: int = 1, workers: int | None = None, threads: int = 0, device: str = "cpu", resume: bool = False,
             overwrite: bool = False, max_pixels: int = 89_478_485, fallback: dict | None = None,
-            grid: str | Path | None = None, grid_count: int = 32, outputs: str | None = None) -> dict:
+            grid: str | Path | None = None, grid_count: int = 32, outputs: str | None = None, engine: str = "local",
+            chunk_size: int = 1024, address: str | None = None) -> dict:
     """Predict every image file under `input_dir` into `output`; returns the summary (main process).
 
     `grid`: also draw `grid_count` rows spread across the output (image, label, score or error) into this PNG.
@@ -93,16 +91,35 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     from the graph. A graph with a fixed batch size is run at that size, whatever `batch_size` says.
     Raises UserError when the folder holds no image file (files of other formats are counted by
     extension in the summary's "skipped").
+    `input_dir` and `output` may be URLs (s3://...; see predict/storage.py): a URL output is written
+    to a local staging copy and uploaded, with its run record, when complete.
+    `engine`: "local" (worker processes on this machine) or "ray" (Ray Data, on `address` or a local
+    Ray, in chunks of `chunk_size` files; see predict/engine_ray.py).
     """
-    root, out = Path(input_dir), Path(output)
-    if not root.is_dir():
-        raise UserError(f"input folder '{root}' does not exist")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}; got '{engine}'")
+    if engine == "ray":
+        if grid:
+            raise UserError("--grid is drawn by --engine local only")
+        from toolkit.predict.engine_ray import predict_ray
+
+        return predict_ray(model, input_dir, output, batch_size=batch_size, chunk_size=chunk_size, topk=topk,
+                           workers=workers or 0, threads=threads, device=device, resume=resume, overwrite=overwrite,
+                           max_pixels=max_pixels, fallback=fallback, outputs=outputs, address=address)
+    source, url_out = Location(input_dir), Location(output) if is_url(output) else None
+    out = staging_dir(str(url_out)) / Path(str(url_out)).name if url_out else Path(output)
+    if not source.is_dir():
+        raise UserError(f"input folder '{source}' does not exist")
     if batch_size < 1 or topk < 1 or max_pixels < 1:
         raise UserError("--batch-size, --topk and --max-pixels must be at least 1")
-    if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1):
-        raise UserError(f"--grid needs a .png file and --grid-count at least 1; got '{grid}', {grid_count}")
+    if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1 or source.url):
+        raise UserError(f"--grid needs a .png file, --grid-count at least 1 and a local input; got '{grid}', "
+                        f"{grid_count}, '{source}'")
     fmt = table.format_of(out)
     rank, world, local_rank, local_world = _process()
+    if url_out and world > 1:
+        raise UserError(f"'{url_out}': several processes write their parts to a shared folder, not a URL; "
+                        "use --engine ray for object storage across machines")
     graph = validate_model(model, device)  # before anything already written is touched
     outputs = resolve_outputs(outputs, graph.output_kind)
     if outputs != "logits":
@@ -114,15 +131,22 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
                  graph.fixed_batch)
         batch_size = graph.fixed_batch
     skipped: Counter = Counter()
-    if next(images.iter_images(root, skipped), None) is None:
-        raise UserError(f"no image files under '{root}'" + (f" (skipped {formats.describe_skipped(skipped)}: "
+    if next(source.iter_images(skipped), None) is None:
+        raise UserError(f"no image files under '{source}'" + (f" (skipped {formats.describe_skipped(skipped)}: "
                                                             "not an image format this decoder reads)" if skipped else ""))
     if fallback and not fallback.get("classes"):
         fallback = None  # nothing stated: the same run as no fallback at all
-    run = {"model": str(model), "model_sha256": _sha256(Path(model)), "input_dir": str(root.resolve()),
+    run = {"model": str(model), "model_sha256": sha256_file(model), "input_dir": source.canonical(),
            "topk": topk, "world_size": world, "max_pixels": max_pixels, "fallback": fallback, "format": fmt,
            "outputs": outputs}
     run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    if url_out:  # written here, then uploaded whole with its record
+        remote = url_out.sibling(".run.json").read_json()
+        if resume and remote and remote.get("complete"):
+            parts.check_same_run(remote, run)
+            return remote["summary"]
+        if (remote or url_out.exists()) and not (resume or overwrite):
+            raise UserError(f"'{url_out}' already exists; pass --resume to continue it or --overwrite to replace it")
     sidecar = out.with_name(out.name + ".run.json")
     final_rows = table.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
     target = final_rows if world == 1 else parts.part_path(out, fmt, rank, world)
@@ -135,7 +159,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
         parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tally, topk = _answer_files(root, target, run, rank, world, local_rank, local_world, resume, workers,
+            tally, topk = _answer_files(source, target, run, rank, world, local_rank, local_world, resume, workers,
                                         threads, device, batch_size, max_pixels, fallback,
                                         sidecar if rank == 0 and not record else None, skipped)
         except BaseException:
@@ -148,13 +172,18 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
             parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
             if rank != 0:
                 return tally.summary(target)
-            tally = parts.merge(out, final_rows, fmt, world, run, root, topk)
+            tally = parts.merge(out, final_rows, fmt, world, run, sum(1 for _ in source.iter_images()), topk)
         if grid:
-            _draw_grid(root, final_rows, topk, grid, grid_count, tally.rows, model, fallback)
+            _draw_grid(Path(str(source)), final_rows, topk, grid, grid_count, tally.rows, model, fallback)
         if fmt == "parquet":
             table.to_parquet(final_rows, out, topk)
-        summary = {**tally.summary(out), "skipped": dict(skipped.most_common())}
+        summary = {**tally.summary(url_out or out), "skipped": dict(skipped.most_common())}
         parts.write_json(sidecar, {**run, "complete": True, "summary": summary})
+        if url_out:
+            url_out.upload(out)
+            url_out.sibling(".run.json").upload(sidecar)
+            out.unlink()
+            sidecar.unlink()
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
         raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
     return summary
@@ -180,7 +209,7 @@ def _has_rows(path: Path) -> bool:
         return path.exists() and path.stat().st_size > 0
 
 
-def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
+def _answer_files(source: Location, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
                   resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
                   new_record: Path | None, skipped: Counter) -> tuple[table.Tally, int]:
     """This process's share of the files, answered into `target` (continuing it when resuming); counts
@@ -196,7 +225,7 @@ def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, lo
         topk = min(run["topk"], clf.meta.num_classes)
         if new_record:
             parts.write_json(new_record, {**run, "complete": False})
-        files = itertools.islice(images.iter_images(root), rank, None, world)  # this process's share, lazily
+        files = itertools.islice(source.iter_images(), rank, None, world)  # this process's share, lazily
         writer = table.RowWriter(target, topk, resume)
         tally = table.Tally()
         for row in writer.existing_rows():  # resume: the rows must be the first files of the same walk
@@ -209,17 +238,17 @@ def _answer_files(root: Path, target: Path, run: dict, rank: int, world: int, lo
             log.info("resuming %s after %d rows", target, tally.rows)
         writer.open()
         skipped.clear()  # counted afresh by this full walk
-        todo = sum(1 for _ in itertools.islice(images.iter_images(root, skipped), rank, None, world)) - tally.rows
+        todo = sum(1 for _ in itertools.islice(source.iter_images(skipped), rank, None, world)) - tally.rows
         bar = progress_bar(todo, f"predicting {todo} files" + (f" (process 1 of {world})" if world > 1 else ""),
                            enabled=rank == 0)
         try:
             if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
                 _SESSIONS[model] = clf  # used when there are no worker processes
-                answers = decoder.map(_answer, images.chunked(files, batch_size), str(root), model, fallback,
+                answers = decoder.map(_answer, images.chunked(files, batch_size), source, model, fallback,
                                       outputs, topk, max_pixels)
             else:  # one GPU session here; the workers only decode
-                answers = (_rows(clf, b, topk) for b in decoder.batches(root, files, clf.meta.image_size,
-                                                                       clf.meta.resize, batch_size, max_pixels))
+                answers = (_rows(clf, b, topk) for b in decoder.map(_decode, images.chunked(files, batch_size), source,
+                                                                    clf.meta.image_size, clf.meta.resize, max_pixels))
             for rows in answers:
                 writer.write(rows)
                 for row in rows:

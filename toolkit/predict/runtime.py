@@ -58,12 +58,11 @@ def read_graph(path: Path) -> GraphInfo:
     return GraphInfo(dims, output_kind(model.graph))
 
 
-def check_external_data(path: Path, model=None) -> None:
-    """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
+def external_data_files(path: Path, model=None) -> list[str]:
+    """Locations (relative to the model's folder) of the weight files an ONNX model keeps outside itself."""
     import onnx
 
     model = model if model is not None else onnx.load(str(path), load_external_data=False)
-    base = path.parent.resolve()
 
     def tensors(graph):
         yield from graph.initializer
@@ -73,11 +72,19 @@ def check_external_data(path: Path, model=None) -> None:
                 for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                     yield from tensors(sub)
 
+    found = {}
     for t in tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            location = {e.key: e.value for e in t.external_data}.get("location", "")
-            if not (base / location).resolve().is_relative_to(base):
-                raise UserError(f"'{path}' keeps weights in '{location}', outside its folder; refusing to load it")
+            found[{e.key: e.value for e in t.external_data}.get("location", "")] = None
+    return list(found)
+
+
+def check_external_data(path: Path, model=None) -> None:
+    """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
+    base = path.parent.resolve()
+    for location in external_data_files(path, model):
+        if not (base / location).resolve().is_relative_to(base):
+            raise UserError(f"'{path}' keeps weights in '{location}', outside its folder; refusing to load it")
 
 
 def validate_model(path: str | Path, device: str = "cpu") -> GraphInfo:

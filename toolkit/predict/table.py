@@ -76,6 +76,18 @@ def rows_for(paths: list[str], errors: list[str], probs: np.ndarray, classes: li
     return rows
 
 
+def arrow_schema(topk: int):
+    """The table's Parquet (Arrow) schema, from `columns(topk)`: str -> string, float -> float64 (nullable)."""
+    import pyarrow as pa
+
+    return pa.schema([(c.name, pa.float64() if c.type is float else pa.string()) for c in columns(topk)])
+
+
+def arrow_text(v):
+    """Arrow strings must be valid UTF-8: undecodable file-name bytes become \\xNN."""
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if isinstance(v, str) else v
+
+
 def format_of(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -205,18 +217,13 @@ def to_parquet(staged: Path, out: Path, topk: int, chunk: int = 50_000) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = columns(topk)
-    schema = pa.schema([(c.name, pa.float64() if c.type is float else pa.string()) for c in cols])
+    schema = arrow_schema(topk)
     tmp = out.with_name(f".{out.name}.tmp")
-
-    def text(v):  # Arrow strings must be valid UTF-8: undecodable file-name bytes become \xNN
-        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if isinstance(v, str) else v
-
     writer = pq.ParquetWriter(str(tmp), schema)
     try:
         rows = []
         for row in read_rows(staged, topk):
-            rows.append({k: text(v) for k, v in row.items()})
+            rows.append({k: arrow_text(v) for k, v in row.items()})
             if len(rows) >= chunk:
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
                 rows = []
