@@ -59,6 +59,7 @@ def _cifar10(cfg: DataConfig) -> Dataset:
     from toolkit.train.datasets.cifar import load_cifar10
 
     classes, (xtr, ytr), (xva, yva) = load_cifar10(cfg.root, download=cfg.download)
+    log.info("validation: the official CIFAR-10 test batch (%d images) in %s", len(yva), cfg.root)
     if cfg.image_size != xtr.shape[1]:  # resize with the shared definition, as predict would
         from PIL import Image
 
