@@ -17,6 +17,7 @@ from toolkit import UserError, __version__
 
 EPILOG = """examples:
   toolkit data shapes data/shapes
+  toolkit train my_photos                      # a folder: the recipe is chosen from the data
   toolkit train configs/quickstart.yaml train.epochs=5 optim.lr=0.1
   toolkit config configs/quickstart.yaml optim.lr=0.1    # the resolved config; train --help lists every key
   accelerate launch --config_file launch/cpu_ddp.yaml -m toolkit train configs/quickstart.yaml
@@ -42,13 +43,25 @@ def cmd_data(args) -> None:
     print(args.out)
 
 
+def resolve_config(target: str, overrides: list[str]):
+    """A config file plus overrides, or for a data folder the recipe chosen from the data plus overrides."""
+    from pathlib import Path
+
+    if Path(target).is_dir():
+        from toolkit.train.recipe import recipe_for  # torch-free
+
+        return recipe_for(target, overrides)
+    from toolkit.config import load_config
+
+    return load_config(target, overrides)
+
+
 def _config(args):
     """The checked config of `toolkit train` and `toolkit config`: every key and the model name are
     validated here, before torch is imported and before any data is read."""
-    from toolkit.config import load_config
     from toolkit.train.catalog import check_arch  # torch-free
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_config(args.config, args.overrides)
     check_arch(cfg.model.arch)
     return cfg
 
@@ -223,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=32, help="image side in pixels")
 
     for name, fn, help, example in (
-            ("train", cmd_train, "train a model from a YAML config and key=value overrides",
-             "toolkit train configs/quickstart.yaml train.epochs=3 data.batch_size=128"),
+            ("train", cmd_train, "train a model from a YAML config, or from a data folder with a recipe chosen from "
+             "the data; key=value overrides either way",
+             "toolkit train my_photos train.budget_minutes=10\n  toolkit train configs/quickstart.yaml train.epochs=3"),
             ("config", cmd_config, "print the resolved config as YAML (what `toolkit train` would run; it takes "
              "the output back unchanged)", "toolkit config configs/quickstart.yaml optim.lr=0.1 > my.yaml")):
         t = add(name, fn, help, example, keys_table=True)
-        t.add_argument("config", help="experiment YAML (configs/*.yaml)")
+        t.add_argument("config", help="experiment YAML (configs/*.yaml), or a folder of class subfolders "
+                                      "(DIR/<class>/ or DIR/train/<class>/): the recipe is chosen from the data")
         t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=0.1 model.arch=resnet_small")
 
     e = add("evaluate", cmd_evaluate, "accuracy, per-class accuracy and confusion of a model on a labelled folder",

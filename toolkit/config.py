@@ -54,6 +54,9 @@ class ModelConfig:
     arch: str = "tutorial_net"  # see `toolkit models`; timm/<name> with the timm extra
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when running several processes
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    pretrained: bool = False  # timm models: timm's pretrained weights (its cache/hub, or model.weights); input size, mean, std follow them
+    weights: str = ""  # starting weights, .safetensors only: a toolkit run's or a timm/torchvision state dict; matching tensors load
+    freeze_epochs: int = 0  # epochs that train the classifier only (backbone learning rate 0), then discriminative warmup
 
 
 @dataclass
@@ -67,6 +70,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 0.5  # linear warmup from lr/10 (cosine, constant)
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio (cosine)
+    backbone_lr_scale: float = 1.0  # lr of every parameter outside the classifier = lr * this (fine-tuning: 0.1)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class TrainConfig:
     stop_at_accuracy: float = 0.0  # end the run once validation accuracy reaches this (time-to-accuracy); 0 = off
     log_with: str = ""  # accelerate tracker: tensorboard | wandb | mlflow | ... ; "" = none
     progress: bool = True  # progress bar on the main process (plain lines when not a terminal)
+    budget_minutes: float = 5.0  # `toolkit train DIR`: the recipe sizes model and epochs to about this (CPU or GPU)
 
 
 @dataclass
@@ -223,6 +228,7 @@ def _validate(cfg: Config) -> None:
         "train.keep_states": cfg.train.keep_states,
         "train.eval_every": cfg.train.eval_every,
         "optim.lr": cfg.optim.lr,
+        "train.budget_minutes": cfg.train.budget_minutes,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -231,7 +237,8 @@ def _validate(cfg: Config) -> None:
         "data.crop_padding": cfg.data.crop_padding, "optim.momentum": cfg.optim.momentum,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_epochs": cfg.optim.warmup_epochs,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.stop_at_accuracy": cfg.train.stop_at_accuracy,
+        "train.stop_at_accuracy": cfg.train.stop_at_accuracy, "model.freeze_epochs": cfg.model.freeze_epochs,
+        "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
     }
     for key, value in at_least_zero.items():
         if value < 0:
@@ -285,6 +292,13 @@ def parse_overrides(pairs: list[str]) -> dict:
                 raise _unknown_key(key)
         node[leaf] = value
     return nested
+
+
+def apply_overrides(cfg: Config, nested: dict) -> Config:
+    """Apply nested updates (as from parse_overrides) to `cfg` and validate the result."""
+    _apply(cfg, nested)
+    _validate(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

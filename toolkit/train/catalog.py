@@ -4,7 +4,8 @@
 them before torch is imported or any data is read. They are read from the @register_model
 functions of models.py (name and first docstring line), which stays the one place a model is
 defined; tests/test_models.py holds that this list equals the live registry. timm names are
-checked with timm's own list, and only for `timm/<name>` (importing timm imports torch).
+checked with timm's own list, only for `timm/<name>` and names the registry does not know (bare timm
+names like resnet18): importing timm imports torch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def builtin_models() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def _bare_timm_name(arch: str) -> bool:
+    """A timm model name without the timm/ prefix, e.g. resnet18 (imports timm, so only for unknown names)."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(arch)
+
+
 def check_arch(arch: str, known: dict | None = None) -> None:
     """Raise UserError unless `arch` names a model: `known` (default: the built-in ones) or timm/<name>."""
     if arch.startswith("timm/"):
@@ -42,6 +52,8 @@ def check_arch(arch: str, known: dict | None = None) -> None:
             raise UserError(f"unknown model.arch '{arch}': timm has no model '{name}'{hint}")
         return
     known = builtin_models() if known is None else known
+    if arch not in known and _bare_timm_name(arch):
+        return
     if arch not in known:
         close = difflib.get_close_matches(arch, list(known), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(known))}"

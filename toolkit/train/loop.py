@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import toolkit.train.data as data
+import toolkit.train.pretrained as pretrained
 import toolkit.train.report as report
 import toolkit.train.rundir as rundir
 import toolkit.train.state as state
@@ -33,8 +34,8 @@ from toolkit.core.metrics import metrics_record
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
 from toolkit.train.catalog import check_arch
-from toolkit.train.models import create_model, list_models
-from toolkit.train.optim import build_optimizer, lr_at
+from toolkit.train.models import list_models
+from toolkit.train.optim import build_optimizer, lr_at, set_lr
 from toolkit.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,15 @@ def _set_up(cfg: Config) -> Run:
     """Accelerator, data, model (fresh or from the resume state), optimizer, batch sources, run folder."""
     check_arch(cfg.model.arch, list_models())  # a misspelt model fails before any data is generated or read
     accelerator, run_dir = rundir.start(cfg)
+    for change in pretrained.apply_pretrained_defaults(cfg):
+        log.info("model.pretrained: %s (the pretrained model's own)", change)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     with accelerator.main_process_first():  # one process generates and caches, the others read
         ds = data.load_dataset(cfg.data, cfg.seed)
     state_path = state.find_state(cfg.train.resume, run_dir)
     model, st, files = _build_model(cfg, ds, device, world, state_path)
     model.to(device)  # before the optimizer is built, so it sees the device (fused kernels)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, pretrained.classifier_prefixes(model, len(ds.classes)))
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -158,7 +161,7 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
     """-> (model with fresh or resumed weights, TrainState, the state's other files)."""
     num_classes = len(ds.classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = create_model(cfg.model.arch, num_classes, cfg.data.image_size)
+    model = pretrained.build(cfg.model, num_classes, cfg.data.image_size)  # random or starting weights
     if cfg.model.sync_bn and world > 1:
         if device.type == "cuda":  # batch statistics over all processes' batches
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -168,7 +171,7 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
         model = model.to(memory_format=torch.channels_last)
     st, files = TrainState(), {}
     if not state_path:
-        if hasattr(model, "init_from_data"):  # data-dependent init, e.g. a whitening stem
+        if hasattr(model, "init_from_data") and not (cfg.model.weights or cfg.model.pretrained):  # e.g. whitening
             sample, _ = data.sample_images(ds.train, cfg.data, range(min(5000, len(ds.train))))
             model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(sample))
     else:
@@ -306,8 +309,7 @@ def _optimizer_step(run: Run, lr: float, skip: bool) -> None:
     st.nonfinite_run = 0
     if cfg.train.clip_grad_norm > 0:
         run.accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.clip_grad_norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr, st.step, run.plan.num_batches // cfg.train.grad_accum, cfg)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

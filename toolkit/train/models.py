@@ -28,13 +28,27 @@ def list_models() -> dict[str, str]:
     return {name: (fn.__doc__ or "").strip().partition("\n")[0] for name, fn in sorted(_REGISTRY.items())}
 
 
-def create_model(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
-    """Build a fresh model. `timm/<name>` builds a timm model (needs the timm extra)."""
-    check_arch(arch, list_models())  # the same message as the torch-free check of `toolkit train`
+def timm_name(arch: str) -> str | None:
+    """`timm/<name>` -> name; a bare name timm knows (and the registry does not) -> name; else None."""
     if arch.startswith("timm/"):
+        return arch[len("timm/"):]
+    if arch in _REGISTRY:
+        return None
+    try:
+        import timm
+    except ImportError:
+        return None
+    return arch if timm.is_model(arch) else None
+
+
+def create_model(arch: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    """Build a fresh model. `timm/<name>` (or a bare timm name) builds a timm model (needs the timm extra)."""
+    check_arch(arch, list_models())  # the same message as the torch-free check of `toolkit train`
+    name = timm_name(arch)
+    if name is not None:
         import timm
 
-        return timm.create_model(arch[len("timm/"):], pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     return _REGISTRY[arch](num_classes=num_classes, image_size=image_size)
 
 
@@ -150,13 +164,13 @@ def _norm(c: int) -> nn.BatchNorm2d:
 
 
 class SpeedrunGroup(nn.Module):
-    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
+    """conv 3x3 -> max-pool 2 (when `pool`) -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, pool: bool = True):
         super().__init__()
         self.conv1, self.norm1 = _dirac_conv(c_in, c_out), _norm(c_out)
         self.conv2, self.norm2 = _dirac_conv(c_out, c_out), _norm(c_out)
-        self.pool, self.act = nn.MaxPool2d(2), nn.GELU()
+        self.pool, self.act = nn.MaxPool2d(2) if pool else nn.Identity(), nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -166,15 +180,16 @@ class SpeedrunGroup(nn.Module):
 class SpeedrunNet(nn.Module):
     """The speed-run CNN; `init_from_data` turns the stem into a fixed patch-whitening layer."""
 
-    def __init__(self, num_classes: int, widths=(64, 256, 256), patch: int = 2):
+    def __init__(self, num_classes: int, widths=(64, 256, 256), patch: int = 2, image_size: int = 32):
         super().__init__()
         self.patch = patch
         self.stem = nn.Conv2d(3, 2 * 3 * patch * patch, patch, bias=True)  # 24 channels: +/- 12 directions
         self.stem.weight.requires_grad_(False)  # a fixed filter bank (set by init_from_data); its bias learns
-        groups, c = [], self.stem.out_channels
+        groups, c, side = [], self.stem.out_channels, image_size - patch + 1
         for w in widths:
-            groups.append(SpeedrunGroup(c, w))
-            c = w
+            pool = side >= 4  # small images (8 px digits) keep their last pixels: fewer pools, same widths
+            groups.append(SpeedrunGroup(c, w, pool))
+            c, side = w, side // 2 if pool else side
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(c, num_classes, bias=False)
         self.scale = 1 / 9  # small logits at the start: a steadier first epoch
@@ -197,9 +212,25 @@ class SpeedrunNet(nn.Module):
         self.stem.weight.requires_grad_(False)
 
 
+def _speedrun(num_classes: int, image_size: int, widths) -> nn.Module:
+    if image_size < 8:  # a 2x2 stem and 3x3 convolutions need a few pixels
+        raise UserError(f"speedrun_net needs data.image_size >= 8; got {image_size}")
+    return SpeedrunNet(num_classes, widths, image_size=image_size)
+
+
 @register_model
 def speedrun_net(num_classes: int, image_size: int = 32) -> nn.Module:
-    """CIFAR-10 speed-run CNN (airbench94 design, 2.0M parameters): the fast GPU recipe."""
-    if image_size < 16:  # a 2x2 stem and three 2x2 pools must leave at least one pixel
-        raise UserError(f"speedrun_net needs data.image_size >= 16; got {image_size}")
-    return SpeedrunNet(num_classes)
+    """CIFAR-10 speed-run CNN (airbench94 design, 2.0M parameters): the fast GPU recipe; any size >= 8."""
+    return _speedrun(num_classes, image_size, (64, 256, 256))
+
+
+@register_model
+def speedrun_net_s(num_classes: int, image_size: int = 32) -> nn.Module:
+    """speedrun_net at half width (32-128-128, 0.5M parameters): a quarter of the compute, for CPUs."""
+    return _speedrun(num_classes, image_size, (32, 128, 128))
+
+
+@register_model
+def speedrun_net_xs(num_classes: int, image_size: int = 32) -> nn.Module:
+    """speedrun_net at quarter width (16-64-64, 0.13M parameters): a sixteenth of the compute."""
+    return _speedrun(num_classes, image_size, (16, 64, 64))

@@ -1,0 +1,232 @@
+"""A training recipe chosen from the data: `toolkit train DIR` and `toolkit config DIR`.
+
+`recipe_for(folder, overrides)` looks at the folder (class counts, image sizes from PIL headers, and
+whether class-average images are mirror-symmetric) and returns a Config that fits a time budget
+(`train.budget_minutes`) on this machine. It imports no torch, so `toolkit config DIR` is quick.
+
+The rules, and why:
+- Never upsample. Small images (short side <= 64 px: digits, icons, CIFAR-sized crops) train at their
+  native size with the speed-run network (`speedrun_net*`, whose pooling adapts down to 8 px),
+  random translation of 1/8 of the side, cutout. Larger images train at a modest size (64 px on a CPU,
+  128 px on a GPU) with random-resized-crop, or at a pretrained backbone's size when one is available.
+- Horizontal flips only when class-average images are close to mirror-symmetric (photos are; digits
+  and letters are not: a mirrored 3 is no 3).
+- Epochs and the network width come from the budget: the widest speed-run network that gets at
+  least `MIN_EPOCHS` epochs in the budget, epochs filling the budget up to what the data size can
+  use (`_useful_epochs`: many passes over a few hundred images, few over a hundred thousand).
+- Label smoothing 0.2, an EMA of the weights, Nesterov SGD with a one-cycle schedule whose peak
+  learning rate follows the batch size (airbench's recipe, scaled).
+Every choice is a key of the Config; `key=value` overrides win over the recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit import UserError
+from toolkit.config import Config, apply_overrides, parse_overrides
+from toolkit.core import folders, images
+
+log = logging.getLogger(__name__)
+
+SMALL_SIDE = 64  # px: images whose median short side is at most this train at their native size
+PHOTO_SIZE_CPU, PHOTO_SIZE_GPU = 64, 128  # px: training size of larger images without a pretrained backbone
+MIN_EPOCHS = 8  # a narrower network is chosen before fewer epochs than this
+HEADER_SAMPLE = 2000  # files whose headers are read for the size statistics
+FLIP_SAMPLE_PER_CLASS = 32  # images per class decoded (16 px) for the mirror-symmetry test
+FLIP_ASYMMETRY = 0.5  # flips stay off when mirroring moves class means this far (x the between-class distance)
+
+# Training images per second on one CPU core at 32 px (forward + backward + step, batch 64..256), measured
+# on this project's 2-core machine; scaled by pixels (quadratic) and cores. A GPU is taken as 40 cores.
+IMAGES_PER_CORE_S = {"speedrun_net": 60.0, "speedrun_net_s": 190.0, "speedrun_net_xs": 600.0,
+                     "resnet_small": 170.0, "tutorial_net_bn": 4000.0}
+GPU_CORES = 40.0
+SPEEDRUN_WIDTHS = ("speedrun_net", "speedrun_net_s", "speedrun_net_xs")  # widest first
+
+
+@dataclass
+class FolderSummary:
+    """What the recipe knows about a folder of class subfolders."""
+
+    root: Path
+    layout: folders.Layout  # where training, validation and test images are
+    classes: list[str]
+    counts: list[int]  # training images per class
+    short_side: int  # median short side of the sampled images, px
+    short_side_p10: int  # 10th percentile, px
+    flip_asymmetry: float | None = None  # mean-image mirror distance / between-class distance
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def train_dir(self) -> Path:
+        return self.layout.train
+
+    @property
+    def num_train(self) -> int:
+        return sum(self.counts)
+
+
+def _sample(files: list[str], labels: list[int], per_class: int, limit: int) -> list[int]:
+    """Indices of up to `per_class` files of each class (evenly spaced), at most `limit` in all."""
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    per_class = max(1, min(per_class, limit // max(1, len(by_class))))
+    picked = []
+    for idx in by_class.values():
+        step = max(1, len(idx) // per_class)
+        picked += idx[::step][:per_class]
+    return picked
+
+
+def _flip_asymmetry(files: list[str], labels: list[int], num_classes: int) -> float | None:
+    """How far mirroring moves the class-average images, relative to the distance between classes.
+
+    Near 0: the classes look alike mirrored (photos: flips are a safe augmentation). Near or above 1:
+    a mirrored image of one class sits as far away as another class (digits, letters: no flips).
+    """
+    import numpy as np
+
+    sums, counts = np.zeros((num_classes, 16, 16)), np.zeros(num_classes)
+    for f, c in zip(files, labels):
+        try:
+            sums[c] += images.load(f, 16, "squash").mean(2) / 255.0
+            counts[c] += 1
+        except images.DecodeError:
+            continue
+    keep = counts > 0
+    if keep.sum() < 2:
+        return None
+    means = sums[keep] / counts[keep, None, None]
+    means -= means.mean(0)  # what distinguishes the classes, not what they share
+    mirror = np.sqrt(((means - means[:, :, ::-1]) ** 2).sum((1, 2)))
+    between = np.sqrt(((means[:, None] - means[None]) ** 2).sum((2, 3)))
+    np.fill_diagonal(between, np.inf)
+    return float(np.median(mirror / np.maximum(between.min(1), 1e-9)))
+
+
+def scan_folder(folder: str | Path) -> FolderSummary:
+    """Class counts, image sizes (headers only) and mirror symmetry of a folder of class subfolders."""
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"'{root}' is not a folder; give a folder of class subfolders or a config file")
+    layout = folders.find_layout(root)
+    train_dir = layout.train
+    found = folders.find_labelled(train_dir, exclude=folders.SPLIT_NAMES)
+    classes, rel, labels = found.classes, found.paths, found.labels
+    if len(classes) < 2 or not rel:
+        raise UserError(f"'{train_dir}' needs at least two class subfolders of images; found {len(classes)} "
+                        f"classes and {len(rel)} images")
+    files = [str(train_dir / p) for p in rel]
+    counts = [0] * len(classes)
+    for c in labels:
+        counts[c] += 1
+    sides = []
+    for i in _sample(files, labels, HEADER_SAMPLE, HEADER_SAMPLE):
+        try:
+            with Image.open(files[i]) as img:  # reads the header only
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sides:
+        raise UserError(f"none of the sampled images under '{train_dir}' could be opened")
+    sides.sort()
+    picked = _sample(files, labels, FLIP_SAMPLE_PER_CLASS, 40 * FLIP_SAMPLE_PER_CLASS)
+    asym = _flip_asymmetry([files[i] for i in picked], [labels[i] for i in picked], len(classes))
+    return FolderSummary(root, layout, classes, counts, int(statistics.median(sides)),
+                         sides[len(sides) // 10], asym)
+
+
+def _has_gpu() -> bool:
+    """A CUDA device is present (without importing torch: the driver's files). Only sizes the recipe."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def images_per_second(arch: str, size: int, gpu: bool, cores: int | None = None) -> float:
+    """Estimated training images/s of `arch` at `size` px on this machine (the loop measures the truth)."""
+    cores = GPU_CORES if gpu else float(cores or os.cpu_count() or 1)
+    return IMAGES_PER_CORE_S[arch] * cores * (32.0 / size) ** 2
+
+
+def _useful_epochs(num_train: int) -> int:
+    """Passes over the data that still pay off: ~60 for a few hundred images, ~10 for 50,000 (then the budget)."""
+    return int(min(100, max(10, 60 * math.sqrt(1000 / max(num_train, 1)))))
+
+
+def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tuple[Config, list[str]]:
+    """Fill `cfg` (defaults plus the user's overrides, which stay) with the recipe; returns it and the reasons."""
+    gpu = _has_gpu() if gpu is None else gpu
+    why: list[str] = []
+    n, k = summary.num_train, len(summary.classes)
+    n_fit = n if summary.layout.val else int(n * (1 - cfg.data.val_fraction))
+    cfg.data.kind, cfg.data.root = "imagefolder", str(summary.root)
+    why.append(f"data: {n:,} training images in {k} classes ({min(summary.counts)}-{max(summary.counts)} per "
+               f"class), median short side {summary.short_side} px; {summary.layout.note}")
+    small = summary.short_side <= SMALL_SIDE
+    if small:
+        size = max(8, summary.short_side)
+        cfg.data.crop_padding = max(1, size // 8)
+        why.append(f"image size {size} px: the images' own size (never upsampled); random translation by up to "
+                   f"{cfg.data.crop_padding} px")
+    else:
+        size = PHOTO_SIZE_GPU if gpu else PHOTO_SIZE_CPU
+        why.append(f"image size {size} px: photo-sized images, resized down (no pretrained backbone here)")
+    cfg.data.image_size = size
+    asym = summary.flip_asymmetry
+    cfg.data.hflip = asym is None or asym < FLIP_ASYMMETRY
+    why.append("horizontal flips " + ("on" if cfg.data.hflip else "off") + (
+        "" if asym is None else f": mirroring moves class-average images {asym:.2f}x the distance between classes "
+        f"({'below' if cfg.data.hflip else 'at or above'} {FLIP_ASYMMETRY})"))
+
+    budget_s = 60.0 * cfg.train.budget_minutes
+    useful = _useful_epochs(n_fit)
+    arch = SPEEDRUN_WIDTHS[-1]
+    for candidate in SPEEDRUN_WIDTHS:  # the widest network that still gets enough epochs
+        if budget_s * images_per_second(candidate, size, gpu) / max(n_fit, 1) >= min(MIN_EPOCHS, useful):
+            arch = candidate
+            break
+    rate = images_per_second(arch, size, gpu)
+    epochs = int(max(1, min(useful, budget_s * rate / max(n_fit, 1))))
+    cfg.model.arch, cfg.train.epochs = arch, epochs
+    why.append(f"model {arch}: the widest speed-run network with {min(MIN_EPOCHS, useful)}+ epochs in the budget "
+               f"({cfg.train.budget_minutes:g} min, estimated {rate:,.0f} images/s on "
+               f"{'a GPU' if gpu else f'{os.cpu_count()} CPU cores'})")
+    why.append(f"{epochs} epochs: about {epochs * n_fit / rate / 60:.1f} min (a dataset of {n_fit:,} uses up to "
+               f"{useful} epochs)")
+
+    batch = int(min(512, max(32, 2 ** round(math.log2(max(n_fit, 1) / 16)))))  # ~16+ steps per epoch
+    cfg.data.batch_size = batch
+    cfg.optim.name, cfg.optim.nesterov, cfg.optim.momentum = "sgd", True, 0.9
+    cfg.optim.schedule = "onecycle"
+    cfg.optim.lr = round(0.2 * math.sqrt(batch / 64), 4)  # square-root scaling from 0.2 at batch 64
+    cfg.optim.weight_decay = 5e-4 * 64 / batch if batch > 64 else 5e-4
+    cfg.train.label_smoothing = 0.2
+    why.append(f"batch {batch}, SGD Nesterov, one-cycle to lr {cfg.optim.lr:g}, label smoothing 0.2")
+    return cfg, why
+
+
+def recipe_for(folder: str | Path, overrides: list[str] = (), gpu: bool | None = None) -> Config:
+    """The Config `toolkit train DIR` runs: the recipe for `folder`, then the user's `key=value` overrides.
+
+    Logs each choice and its reason at INFO. Raises UserError for a folder that is not a folder of
+    class subfolders, or for a bad override.
+    """
+    nested = parse_overrides(list(overrides))
+    user = Config()
+    apply_overrides(user, nested)  # the budget and anything the recipe should respect
+    summary = scan_folder(folder)
+    cfg, why = choose(summary, user, gpu)
+    cfg.name = Path(folder).resolve().name or "run"
+    apply_overrides(cfg, nested)  # the user's word wins over the recipe
+    for line in why:
+        log.info("recipe: %s", line)
+    if overrides:
+        log.info("recipe: then your overrides: %s", " ".join(overrides))
+    return cfg
