@@ -224,7 +224,7 @@ def test_stop_at_accuracy_ends_the_run_early(tmp_path):
 def test_a_last_batch_of_one_never_reaches_batchnorm(tmp_path, monkeypatch):
     """17 images at batch 16: the 17th joins the last batch (a net whose BatchNorm sees one value per
     channel, as a ResNet's last stage does at 32 px, would raise on a batch of one)."""
-    import toolkit.train.loop as loop
+    import toolkit.train.pretrained as pretrained
 
     def bn_net(arch, num_classes, image_size, **kw):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * image_size**2, 8), torch.nn.BatchNorm1d(8),
@@ -232,7 +232,7 @@ def test_a_last_batch_of_one_never_reaches_batchnorm(tmp_path, monkeypatch):
 
     import toolkit.train.models as models
 
-    monkeypatch.setattr(loop, "create_model", bn_net)
+    monkeypatch.setattr(pretrained, "create_model", bn_net)  # the loop builds its model through pretrained.build
     monkeypatch.setattr(models, "create_model", bn_net)  # the run report rebuilds the model from the registry
     root = tmp_path / "d"
     for split, n in (("train", 9), ("val", 2)):
