@@ -182,11 +182,47 @@ def test_resume_position_follows_a_new_batch_layout():
 
 
 def test_speedrun_net_resumes(tmp_path):
+    """Its data-dependent init runs on a fresh start only: a resumed run ends with the uninterrupted run's weights."""
+    import shutil
+
     from conftest import two_colours
 
     data = two_colours(tmp_path / "d", n=8, size=16)
     args = ["data.kind=imagefolder", f"data.root={data}", "data.image_size=16", "data.batch_size=4",
-            "model.arch=speedrun_net", f"train.out_dir={tmp_path}", "name=s", "train.progress=false"]
-    train(load_config(None, args + ["train.epochs=1"]))
-    run = train(load_config(None, args + ["train.epochs=2", "train.resume=auto"]))
+            "model.arch=speedrun_net", f"train.out_dir={tmp_path}", "train.progress=false", "train.epochs=2"]
+    whole = train(load_config(None, args + ["name=whole"]))
+    run = tmp_path / "cut"
+    shutil.copytree(whole, run)
+    shutil.rmtree(state.list_states(run / "state")[-1])  # as if killed right after epoch 1's state
+    assert train(load_config(None, args + ["name=cut", "train.resume=auto"])) == run
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    a, b = weights.load_weights(whole / "last.safetensors")[0], weights.load_weights(run / "last.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_path):
+    """The set-up of a resumed run holds exactly what the state saved (fast: no training step)."""
+    import shutil
+
+    import toolkit.train.loop as loop
+    import toolkit.train.rundir as rundir
+
+    run = tmp_path / "quickstart"
+    shutil.copytree(tiny_run, run)
+    newest = state.list_states(run / "state")[-1]
+    saved, files = state.load_state(newest)
+    cfg = load_config(run / "config.yaml", ["train.resume=auto", f"train.out_dir={tmp_path}", "train.epochs=4"])
+    r = loop._set_up(cfg)
+    try:
+        model = r.raw_model.state_dict()
+        assert files["model.safetensors"].keys() == model.keys()
+        assert all(torch.equal(files["model.safetensors"][k], model[k]) for k in model)
+        fresh = loop.create_model(cfg.model.arch, 10, cfg.data.image_size).state_dict()
+        assert not all(torch.equal(fresh[k], model[k]) for k in model)  # a fresh model would not pass
+        have = [t for s in r.optimizer.state_dict()["state"].values() for t in s.values()]
+        want = [t for s in files["optimizer.pt"]["state"].values() for t in s.values()]
+        assert len(have) == len(want) > 0 and all(torch.equal(h, w) for h, w in zip(have, want))
+        assert (r.state.epoch, r.state.step, r.state.best_accuracy) == (saved.epoch, saved.step, saved.best_accuracy)
+        assert r.state.epoch == 3 and r.state.step > 0
+    finally:
+        rundir.finish(r.accelerator)

@@ -50,7 +50,14 @@ def test_sync_batchnorm_with_two_gpus(shapes_dir, tmp_path):
 
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ROOT / "launch/multi_gpu.yaml"),
            "--num_processes", "2", "-m", "toolkit", "train", str(ROOT / "configs/quickstart.yaml"),
-           f"data.root={shapes_dir}", f"train.out_dir={tmp_path}", "name=sync", "train.epochs=1", "model.sync_bn=true"]
+           f"data.root={shapes_dir}", f"train.out_dir={tmp_path}", "name=sync", "train.epochs=1", "model.sync_bn=true",
+           "data.batch_size=16", "train.progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "needs GPUs" not in proc.stderr
+    assert "needs GPUs" not in proc.stderr and "BatchNorm layers share batch statistics across the 2" in proc.stderr
+    # SyncBatchNorm over 2 x 16 images normalises like BatchNorm over one batch of 32: the same weights
+    _train(tmp_path, shapes_dir, "whole", {}, "train.epochs=1", "data.batch_size=32")
+    a, _ = load_weights(tmp_path / "sync" / "last.safetensors")
+    b, _ = load_weights(tmp_path / "whole" / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=2e-3)

@@ -118,3 +118,13 @@ def test_a_cycle_is_caught(tmp_path):
     (copy / "core" / "images.py").write_text((copy / "core" / "images.py").read_text() +
                                              "\n\ndef _late():\n    from toolkit.core import pictures\n")
     assert any("toolkit.core.images" in c and "toolkit.core.pictures" in c for c in cycles(copy))
+
+
+def test_each_contract_constant_is_written_once():
+    """The pixel cap and the default normalisation are literals in one place; everything else names them."""
+    counts: dict[float, list[str]] = {89_478_485: [], 0.485: [], 0.229: []}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and not isinstance(node.value, bool) and node.value in counts:
+                counts[node.value].append(str(path.relative_to(PACKAGE)))
+    assert counts == {89_478_485: ["core/meta.py"], 0.485: ["core/meta.py"], 0.229: ["core/meta.py"]}

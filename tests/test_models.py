@@ -77,6 +77,14 @@ def test_a_model_without_docstring_is_listed():
 
     try:
         assert list_models()["bare_model"] == ""
+        with pytest.raises(ValueError, match="'bare_model' is already registered"):
+            models.register_model(bare_model)
+        with pytest.raises(ValueError, match="'tutorial_net' is already registered"):
+
+            @models.register_model
+            def tutorial_net(num_classes, image_size=32):
+                return torch.nn.Linear(3, num_classes)
+        assert models._REGISTRY["tutorial_net"].__module__ == "toolkit.train.models"  # the original stays
     finally:
         del models._REGISTRY["bare_model"]
 

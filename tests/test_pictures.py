@@ -115,6 +115,11 @@ def test_predict_grid_samples_every_class_and_colours_by_agreement(tiny_run, sha
     expected = ["green" if r["label"] == r["path"].split("/")[0] else "red" for r in firsts]
     assert 0 < expected.count("green") < 10, "tiny_run should be right on some and wrong on others"
     assert _caption_colours(img, 10, 8, 26 + 18) == expected
+    a = np.asarray(img.convert("RGB")).astype(int)
+    for k, row in enumerate(firsts):  # each tile shows its own row's image, enlarged 3x with nearest
+        x, y = 4 + (k % 8) * (pictures.TILE + 6), 26 + 18 + (k // 8) * (pictures.TILE + pictures.CAPTION + 6)
+        src = np.asarray(Image.open(shapes_dir / "val" / row["path"]).convert("RGB")).astype(int)
+        assert np.array_equal(a[y : y + pictures.TILE, x : x + pictures.TILE], src.repeat(3, 0).repeat(3, 1)), row
 
 
 def test_spread_sample_shares_places_among_folders_and_spreads_inside_them():

@@ -20,7 +20,12 @@ def test_run_directory_contents(tiny_run):
     recs = _records(tiny_run)
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert all(r["val_count"] == 100 for r in recs)  # 10 classes x 10 val images, each counted once
-    assert all(0.0 <= r["val_accuracy"] <= 1.0 and set(r["per_class"]) == set(r["per_class"]) for r in recs)
+    from toolkit.train.datasets.shapes import CLASSES
+
+    for r in recs:  # per-class accuracy of each class's 10 images, consistent with the overall figure
+        assert list(r["per_class"]) == sorted(CLASSES) and all(0.0 <= a <= 1.0 for a in r["per_class"].values())
+        assert sum(10 * a for a in r["per_class"].values()) == pytest.approx(100 * r["val_accuracy"])
+    assert any(0 < a < 1 for r in recs for a in r["per_class"].values())  # not all trivially 0 or 1
     best = max(recs, key=lambda r: r["val_accuracy"])
     state, meta = load_weights(tiny_run / "best.safetensors")
     assert meta.arch == "tutorial_net_bn" and meta.num_classes == 10
@@ -208,6 +213,24 @@ def test_flip_tta_averages_the_image_and_its_mirror():
             want[view, t, p] += 1
     assert torch.equal(evaluate(model, source, shards, norm, 3, tta=False)[0], want[:1])
     assert torch.equal(evaluate(model, source, shards, norm, 3, tta=True)[0], want)  # [0] stays the plain figure
+
+
+def test_sync_bn_converts_batchnorm_only_for_several_gpu_processes():
+    from types import SimpleNamespace
+
+    import toolkit.train.loop as loop
+
+    cfg = load_config(None, ["model.arch=tutorial_net_bn", "model.sync_bn=true"])
+    ds = SimpleNamespace(classes=list("abcdefghij"))
+
+    def kinds(device: str, world: int) -> tuple[int, int]:
+        model, _, _ = loop._build_model(cfg, ds, torch.device(device), world, None)
+        return (sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
+                sum(type(m) is torch.nn.BatchNorm2d for m in model.modules()))
+
+    synced, plain = kinds("cuda", 2)  # only converted, never run: no GPU needed
+    assert synced > 0 and plain == 0
+    assert kinds("cuda", 1) == kinds("cpu", 2) == (0, synced)  # one process, or gloo on CPUs: plain BatchNorm
 
 
 def test_stop_at_accuracy_ends_the_run_early(tmp_path):

@@ -213,6 +213,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from toolkit.core.meta import MAX_PIXELS
     from pathlib import Path
 
     p = argparse.ArgumentParser(prog="toolkit", description="Train, export and run image classifiers.",
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "--engine ray: inference actors (default: one per "
                                                                "CPU, or per GPU with --device cuda)")
     r.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: onnxruntime's choice)")
-    r.add_argument("--max-pixels", type=int, default=89_478_485,
+    r.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="refuse larger images (decompression bombs), checked before decoding")
     r.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: worker processes on this machine; ray: Ray Data, on a local Ray or --address")

@@ -21,9 +21,7 @@ from pathlib import Path
 import yaml
 
 from toolkit import UserError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
 
 
 @dataclass
@@ -43,7 +41,7 @@ class DataConfig:
     cache_dir: str = ""  # decoded-dataset cache; "" = $TOOLKIT_CACHE_DIR or ~/.cache/toolkit
     memory_limit_gb: float = 8.0  # cache=auto keeps a dataset in memory below this decoded size
     num_workers: int = -1  # decode processes; -1 = one per core
-    max_image_pixels: int = 89_478_485  # refuse larger images (decompression bombs); PIL's default
+    max_image_pixels: int = MAX_PIXELS  # refuse larger images (decompression bombs); PIL's default
     download: bool = True  # cifar10: download when root has no copy
     train_per_class: int = 500  # shapes: images generated per class
     val_per_class: int = 100  # shapes: validation images generated per class

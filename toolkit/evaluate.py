@@ -14,6 +14,7 @@ import numpy as np
 
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.metrics import per_class_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
         if len(batch.pixels):
             np.add.at(confusion, (y, predict(batch.pixels)), 1)
     n = int(confusion.sum())
-    per_class = {name: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
-                 for i, name in enumerate(meta.class_names)}
+    per_class = per_class_accuracy(confusion, meta.class_names)
     return {"model": str(model), "data": str(data_dir), "accuracy": float(np.trace(confusion) / n) if n else 0.0,
             "n": n, "correct": int(np.trace(confusion)), "failed": failed, "per_class": per_class,
             "classes": meta.class_names, "confusion": confusion.tolist()}

@@ -23,10 +23,10 @@ from PIL import Image, ImageFile, ImageOps
 from toolkit.core import formats
 from toolkit.core.folders import Labelled, find_images, find_labelled, iter_images  # noqa: F401  (this module's API)
 from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (this module's API)
+from toolkit.core.meta import MAX_PIXELS  # the decoders' default cap, also read as images.MAX_PIXELS
 
 log = logging.getLogger(__name__)
 RESIZE_POLICIES = ("center_crop", "squash")
-MAX_PIXELS = 89_478_485  # default decompression-bomb cap (PIL's own default)
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
@@ -66,7 +66,7 @@ def _needs_exif_transpose(img: Image.Image) -> bool:
     return img.format in ("TIFF", "MPO") or "exif" in img.info or "Raw profile type exif" in img.info
 
 
-def open_rgb(path: str | Path | bytes, max_pixels: int = 89_478_485, draft_size: int | None = None) -> Image.Image:
+def open_rgb(path: str | Path | bytes, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Decode `path` (or the bytes of a file, e.g. read from object storage) as an RGB image, first
     frame, EXIF orientation applied.
 
@@ -140,6 +140,13 @@ def _open_unidentified(path, max_pixels: int) -> Image.Image:
         raise DecodeError(f"corrupt image ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
 
 
+def normalization(mean, std, scale: float = 1 / 255) -> tuple[np.ndarray, np.ndarray]:
+    """(gain, shift), (3,) float32 each, so that x * gain + shift == (x * scale - mean) / std: the one
+    normalisation of training and the ONNX graph (data.Normalize), predict and `toolkit inspect`."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)  # constants folded in float64
+    return (scale / std).astype(np.float32), (-mean / std).astype(np.float32)
+
+
 def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarray:
     """RGB PIL image -> (size, size, 3) uint8.
 
@@ -160,7 +167,7 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarr
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = 89_478_485) -> np.ndarray:
+def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The preprocessing definition: file (a path or its bytes) -> (size, size, 3) uint8 RGB. Raises DecodeError."""
     img = open_rgb(path, max_pixels=max_pixels, draft_size=size)
     return resize(img, size, policy)
@@ -265,7 +272,7 @@ class Decoder:
             yield pending.popleft().result()
 
     def batches(self, root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                batch_size: int = 64, max_pixels: int = 89_478_485) -> Iterator[Batch]:
+                batch_size: int = 64, max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
         """Decode `paths` (relative to `root`) in batches of `batch_size`, in order."""
         return self.map(decode_chunk, chunked(paths, batch_size), str(root), size, policy, max_pixels)
 
@@ -279,7 +286,7 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 
 def decode_batches(root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                   batch_size: int = 64, workers: int | None = None, max_pixels: int = 89_478_485) -> Iterator[Batch]:
+                   batch_size: int = 64, workers: int | None = None, max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
     """Decoder(workers).batches(...) for one pass over `paths`."""
     with Decoder(workers) as decoder:
         yield from decoder.batches(root, paths, size, policy, batch_size, max_pixels)

@@ -18,6 +18,11 @@ from toolkit import UserError, __version__
 SCHEMA_VERSION = 1
 META_KEY = "toolkit_meta"
 
+# The input contract's defaults, written once: config, decoding, export and predict take them from here.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # per channel, on the [0, 1] scale
+IMAGENET_STD = [0.229, 0.224, 0.225]
+MAX_PIXELS = 89_478_485  # decompression-bomb cap, pixels per image (PIL's own default)
+
 
 @dataclass
 class Meta:
@@ -33,7 +38,6 @@ class Meta:
     normalize_in_graph: bool = False  # True in exported ONNX files; False for training weights
     input_name: str = "input"
     output_name: str = "logits"
-    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # transparent pixels become this
     metrics: dict = field(default_factory=dict)  # at save time, e.g. val_accuracy, val_count, epoch
     config_hash: str = ""
     toolkit_version: str = __version__

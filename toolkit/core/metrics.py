@@ -7,6 +7,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def per_class_accuracy(confusion, classes: list[str]) -> dict[str, float | None]:
+    """Class name -> correct / total of that true class, from a (C, C) confusion matrix (rows true,
+    columns predicted); None for a class without images."""
+    c = np.asarray(confusion, dtype=np.int64)
+    totals = c.sum(1)
+    return {name: float(c[i, i] / totals[i]) if totals[i] else None for i, name in enumerate(classes)}
+
+
 def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: float, lr: float,
                    elapsed: float, images: int, val_loss: float | None = None) -> dict:
     """One line of metrics.jsonl from a (C, C) confusion matrix (rows true, columns predicted).
@@ -15,7 +23,6 @@ def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: f
     `loss` is the mean training loss of the epoch, `val_loss` the mean loss over the validation images.
     """
     c = np.asarray(confusion, dtype=np.int64)
-    per_class_total = c.sum(1)
     n = int(c.sum())
     return {
         "epoch": epoch,
@@ -24,8 +31,7 @@ def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: f
         **({"val_loss": round(val_loss, 6)} if val_loss is not None else {}),
         "val_accuracy": float(np.trace(c) / n) if n else 0.0,
         "val_count": n,
-        "per_class": {name: float(c[i, i] / per_class_total[i]) if per_class_total[i] else None
-                      for i, name in enumerate(classes)},
+        "per_class": per_class_accuracy(c, classes),
         "lr": lr,
         "epoch_time_s": round(elapsed, 3),
         "images_per_s": round(images / elapsed, 1) if elapsed > 0 else 0.0,
@@ -34,12 +40,9 @@ def metrics_record(confusion, classes: list[str], epoch: int, step: int, loss: f
 
 def per_class_rows(confusion, classes: list[str]) -> list[dict]:
     c = np.asarray(confusion, dtype=np.int64)
-    rows = []
-    for i, name in enumerate(classes):
-        total = int(c[i].sum())
-        rows.append({"class": name, "correct": int(c[i, i]), "total": total,
-                     "accuracy": round(c[i, i] / total, 4) if total else None})
-    return rows
+    accuracy = per_class_accuracy(c, classes)
+    return [{"class": name, "correct": int(c[i, i]), "total": int(c[i].sum()),
+             "accuracy": None if accuracy[name] is None else round(accuracy[name], 4)} for i, name in enumerate(classes)]
 
 
 def format_table(rows: list[dict]) -> str:

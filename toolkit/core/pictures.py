@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from toolkit import UserError
 from toolkit.core import folders, images
+from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = 96  # pixels per image in a grid
 CAPTION = 30  # pixels of caption under each image (two lines)
@@ -213,8 +214,9 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
     """The tutorial's "an image is numbers" step: the file, its pixels, and the tensor a model sees."""
     path = Path(path)
     model_stats = mean is not None
-    mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
-    std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
+    gain, shift = images.normalization(mean, std)
     try:
         with Image.open(path) as raw:
             fmt, mode, (w, h), frames = raw.format, raw.mode, raw.size, getattr(raw, "n_frames", 1)
@@ -224,7 +226,7 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
         raise UserError(f"'{path}' cannot be read as an image: {e}") from None
     except (OSError, Image.UnidentifiedImageError):
         raise UserError(f"'{path}' cannot be read as an image") from None
-    tensor = (x.astype(np.float32) / 255 - mean) / std  # (H, W, 3)
+    tensor = x.astype(np.float32) * gain + shift  # (H, W, 3)
     tensor = tensor.transpose(2, 0, 1)  # (3, H, W), as the model takes it
     np.set_printoptions(linewidth=100)
     lines = [

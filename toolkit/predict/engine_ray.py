@@ -94,7 +94,7 @@ def ray_session(address: str | None):
 
 def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv",
                 batch_size: int = 128, chunk_size: int = 1024, topk: int = 1, workers: int = 0, threads: int = 0,
-                device: str = "cpu", resume: bool = False, overwrite: bool = False, max_pixels: int = 89_478_485,
+                device: str = "cpu", resume: bool = False, overwrite: bool = False, max_pixels: int = images.MAX_PIXELS,
                 fallback: dict | None = None, outputs: str | None = None, address: str | None = None) -> dict:
     """Predict every image file under `input_dir` (a folder or a URL) on Ray; returns the summary.
 

@@ -81,7 +81,7 @@ def _process() -> tuple[int, int, int, int]:
 
 def predict(model: str | Path, input_dir: str | Path, output: str | Path = "predictions.csv", batch_size: int = 128,
             topk: int = 1, workers: int | None = None, threads: int = 0, device: str = "cpu", resume: bool = False,
-            overwrite: bool = False, max_pixels: int = 89_478_485, fallback: dict | None = None,
+            overwrite: bool = False, max_pixels: int = images.MAX_PIXELS, fallback: dict | None = None,
             grid: str | Path | None = None, grid_count: int = 32, outputs: str | None = None, engine: str = "local",
             chunk_size: int = 1024, address: str | None = None) -> dict:
     """Predict every image file under `input_dir` into `output`; returns the summary (main process).

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import UserError
+from toolkit.core import images
 from toolkit.core.meta import META_KEY, Meta
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -206,9 +207,8 @@ class OnnxClassifier:
             raise UserError(f"'{path}' takes images of {shape[2]}x{shape[3]} pixels but its metadata (or --size) "
                             f"says {self.meta.image_size}; pass --size {fixed_hw[0]}" if len(fixed_hw) == 2 else
                             f"'{path}' has input shape {shape}, which does not fit {self.meta.image_size}-pixel images")
-        std = np.asarray(self.meta.std, np.float32)
-        self.gain = (1 / (255 * std)).reshape(1, 3, 1, 1)
-        self.shift = (-np.asarray(self.meta.mean, np.float32) / std).reshape(1, 3, 1, 1)
+        gain, shift = images.normalization(self.meta.mean, self.meta.std)
+        self.gain, self.shift = gain.reshape(1, 3, 1, 1), shift.reshape(1, 3, 1, 1)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, classes) float32 logits."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,11 +204,9 @@ class Normalize(torch.nn.Module):
 
     def __init__(self, mean, std, scale: float = 1.0 / 255):
         super().__init__()
-        mean = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
-        # (x * scale - mean) / std as one multiply-add, constants folded in float64
-        self.register_buffer("gain", (scale / std).float(), persistent=False)
-        self.register_buffer("shift", (-mean / std).float(), persistent=False)
+        gain, shift = images.normalization(mean, std, scale)  # (x * scale - mean) / std as one multiply-add
+        self.register_buffer("gain", torch.from_numpy(gain).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.from_numpy(shift).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.gain + self.shift
@@ -261,7 +258,7 @@ class BatchSource:
     """Index batches -> (x uint8 (B, 3, H, W), y int64 (B,)) on `device`, from memory or files."""
 
     def __init__(self, split: Split, cfg: DataConfig, device: torch.device, workers: int, keep_host: bool = True):
-        self.split, self.device = split, device
+        self.device = device
         self.labels = split.labels.to(device)
         if split.images is not None:
             self.images = split.images.to(device)  # once: the whole split lives on the device

@@ -165,6 +165,8 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
     if cfg.model.sync_bn and world > 1:
         if device.type == "cuda":  # batch statistics over all processes' batches
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log.info("model.sync_bn: %d BatchNorm layers share batch statistics across the %d processes",
+                     sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()), world)
         else:
             log.warning("model.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA only); ignored on %s", device.type)
     if cfg.model.channels_last:

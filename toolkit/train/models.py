@@ -19,6 +19,10 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register `fn(num_classes, image_size=32) -> nn.Module` under its function name.
+    Raises ValueError when the name is taken (a silent replacement would change what a config trains)."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"a model named '{fn.__name__}' is already registered ({_REGISTRY[fn.__name__].__module__})")
     _REGISTRY[fn.__name__] = fn
     return fn
 
