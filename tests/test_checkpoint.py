@@ -217,7 +217,9 @@ def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_pa
         model = r.raw_model.state_dict()
         assert files["model.safetensors"].keys() == model.keys()
         assert all(torch.equal(files["model.safetensors"][k], model[k]) for k in model)
-        fresh = loop.create_model(cfg.model.arch, 10, cfg.data.image_size).state_dict()
+        from toolkit.train.models import create_model
+
+        fresh = create_model(cfg.model.arch, 10, cfg.data.image_size).state_dict()
         assert not all(torch.equal(fresh[k], model[k]) for k in model)  # a fresh model would not pass
         have = [t for s in r.optimizer.state_dict()["state"].values() for t in s.values()]
         want = [t for s in files["optimizer.pt"]["state"].values() for t in s.values()]
