@@ -4,10 +4,13 @@ ImageFolder + ToTensor + Normalize + DataLoader(batch 4, shuffle, 2 workers), th
 network, CrossEntropyLoss, SGD(lr=0.001, momentum=0.9), N epochs, then accuracy on val/.
 Prints one JSON line: {"accuracy": ..., "epochs": ..., "train_s": ..., "images_per_s": ...}.
     python benchmarks/tutorial_pipeline.py DATA_DIR [--epochs 1]
+Images that are not 32x32 are resized to 32x32 first (the tutorial's network needs that size); the
+held-out folder is DATA_DIR/val, else valid/, validation/ or test/.
 """
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -43,9 +46,14 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    steps = [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    first = torchvision.datasets.ImageFolder(f"{args.data}/train")[0][0]
+    if first.size != (32, 32):  # not in the tutorial (CIFAR-10 is 32x32): its network needs 32x32 inputs
+        steps.insert(0, transforms.Resize((32, 32)))
+    transform = transforms.Compose(steps)
+    held = next(n for n in ("val", "valid", "validation", "test") if os.path.isdir(f"{args.data}/{n}"))
     trainset = torchvision.datasets.ImageFolder(f"{args.data}/train", transform=transform)
-    testset = torchvision.datasets.ImageFolder(f"{args.data}/val", transform=transform)
+    testset = torchvision.datasets.ImageFolder(f"{args.data}/{held}", transform=transform)
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
     testloader = torch.utils.data.DataLoader(testset, batch_size=4, shuffle=False, num_workers=2)
     net = Net(len(trainset.classes))

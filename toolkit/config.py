@@ -35,6 +35,9 @@ class DataConfig:
     augment: bool = True  # random crop with padding + horizontal flip, on whole batches
     crop_padding: int = 4  # pixels of zero padding around the random crop
     hflip: bool = True  # random horizontal flip with p=0.5
+    rotate_degrees: float = 0.0  # random rotation by up to +- this many degrees; 0 = off
+    scale_jitter: float = 0.0  # random zoom by up to 1 +- this fraction (with the rotation, one resampling); 0 = off
+    cutout: int = 0  # side in pixels of a random square set to zero in each training image; 0 = off
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, [0, 1] scale
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, [0, 1] scale; > 0
     cache: str = "auto"  # auto | memory | stream: decoded uint8 tensors in memory, or decode every epoch
@@ -88,6 +91,7 @@ class TrainConfig:
     stop_at_accuracy: float = 0.0  # end the run once validation accuracy reaches this (time-to-accuracy); 0 = off
     log_with: str = ""  # accelerate tracker: tensorboard | wandb | mlflow | ... ; "" = none
     progress: bool = True  # progress bar on the main process (plain lines when not a terminal)
+    ema_decay: float = 0.0  # EMA of the weights, per optimizer step (e.g. 0.99); evaluated each epoch, released when better; 0 = off
     budget_minutes: float = 5.0  # `toolkit train DIR`: the recipe sizes model and epochs to about this (CPU or GPU)
 
 
@@ -233,6 +237,8 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be positive; got {value}")
     at_least_zero = {
         "data.crop_padding": cfg.data.crop_padding, "optim.momentum": cfg.optim.momentum,
+        "data.rotate_degrees": cfg.data.rotate_degrees, "data.scale_jitter": cfg.data.scale_jitter,
+        "data.cutout": cfg.data.cutout,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_epochs": cfg.optim.warmup_epochs,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.stop_at_accuracy": cfg.train.stop_at_accuracy, "model.freeze_epochs": cfg.model.freeze_epochs,
@@ -246,6 +252,7 @@ def _validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"config key '{key}' must be positive; got {value}")
     for key, value, top in (("train.label_smoothing", cfg.train.label_smoothing, 1.0),
+                            ("train.ema_decay", cfg.train.ema_decay, 1.0),
                             ("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 1.0001),
                             ("train.stop_at_accuracy", cfg.train.stop_at_accuracy, 1.0001)):
         if not 0.0 <= value < top:

@@ -94,6 +94,57 @@ class HorizontalFlip(Op):
         return torch.where(params.view(-1, 1, 1, 1).bool(), x.flip(3), x), y
 
 
+@dataclass
+class RandomAffine(Op):
+    """Rotate by up to +-`degrees` and scale by up to 1 +- `scale` about the centre, bilinear, zeros outside.
+
+    Small rotations and size changes are what handwriting and photographed objects vary by (the
+    elastic/affine distortions of the MNIST literature; torchvision's RandomAffine). One grid_sample
+    for the whole batch.
+    """
+
+    degrees: float = 10.0
+    scale: float = 0.1  # fraction
+    name: ClassVar[str] = "affine"
+    stream: ClassVar[int] = 3
+
+    def draw(self, n, g):  # (N, 2) float32 in [-1, 1): angle and scale, as fractions of the maxima
+        return torch.rand(n, 2, generator=g) * 2 - 1
+
+    def __call__(self, x, y, params):
+        import math
+
+        angle = params[:, 0].float() * self.degrees * math.pi / 180
+        zoom = 1 + params[:, 1].float() * self.scale
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8), y
+
+
+@dataclass
+class Cutout(Op):
+    """Zero a `size` x `size` square at a random centre (DeVries & Taylor 2017); it may overlap the border."""
+
+    size: int = 8  # pixels
+    name: ClassVar[str] = "cutout"
+    stream: ClassVar[int] = 4
+
+    def draw(self, n, g):  # (N, 2) int64: the square's centre (y, x) as a fraction of 2**16
+        return torch.randint(0, 1 << 16, (n, 2), generator=g)
+
+    def __call__(self, x, y, params):  # x (B, 3, H, W) uint8, params (B, 2) on x's device
+        H, W = x.shape[2:]
+        cy, cx = params[:, 0] * H >> 16, params[:, 1] * W >> 16
+        lo = self.size // 2
+        rows = torch.arange(H, device=x.device) - cy[:, None]  # (B, H)
+        cols = torch.arange(W, device=x.device) - cx[:, None]  # (B, W)
+        rows, cols = (rows >= -lo) & (rows < self.size - lo), (cols >= -lo) & (cols < self.size - lo)
+        return x * ~(rows[:, None, :, None] & cols[:, None, None, :]), y
+
+
 class Augment:
     """The ops, in order, under one seed; `for_epoch` draws an epoch's parameters of every op."""
 
@@ -111,6 +162,10 @@ class Augment:
             ops.append(RandomCrop(cfg.crop_padding))
         if cfg.augment and cfg.hflip:
             ops.append(HorizontalFlip())
+        if cfg.augment and (cfg.rotate_degrees > 0 or cfg.scale_jitter > 0):
+            ops.append(RandomAffine(cfg.rotate_degrees, cfg.scale_jitter))
+        if cfg.augment and cfg.cutout > 0:
+            ops.append(Cutout(cfg.cutout))
         return cls(ops, seed) if ops else None
 
     def for_epoch(self, epoch: int, n: int) -> EpochAugment:

@@ -33,6 +33,7 @@ from toolkit.core.meta import Meta
 from toolkit.core.metrics import metrics_record
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
+from toolkit.train.ema import WeightEma
 from toolkit.train.catalog import check_arch
 from toolkit.train.models import list_models
 from toolkit.train.optim import build_optimizer, lr_at, set_lr
@@ -94,6 +95,7 @@ class Run:
     criterion: nn.Module
     augment: Augment | None
     total_steps: int
+    ema: WeightEma | None = None  # the moving average of the weights, evaluated beside them
 
 
 def train(cfg: Config) -> Path:
@@ -105,7 +107,7 @@ def train(cfg: Config) -> Path:
             run.state.epoch, run.state.batch, run.state.epoch_loss = epoch + 1, 0, 0.0
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 _evaluate_and_save(run, loss_mean, images, elapsed)
-            state.save_resume(run.accelerator, run.raw_model, run.optimizer, run.state, run.run_dir, cfg)
+            state.save_resume(run.accelerator, run.raw_model, run.optimizer, run.state, run.run_dir, cfg, run.ema)
             target = cfg.train.stop_at_accuracy
             if target and run.state.best_accuracy >= target:  # the same verdict on every process
                 log.info("validation accuracy reached train.stop_at_accuracy=%g at epoch %d", target, epoch + 1)
@@ -133,6 +135,9 @@ def _set_up(cfg: Config) -> Run:
     if cfg.train.compile:
         model = torch.compile(model)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no DDP or compile wrapper
+    ema = WeightEma(raw_model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema and "ema.safetensors" in files:
+        ema.load_state_dict(files["ema.safetensors"])
     if state_path:
         state.restore_resume(accelerator, optimizer, files, st, cfg)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, st.epoch + 1, st.batch, st.step)
@@ -148,7 +153,7 @@ def _set_up(cfg: Config) -> Run:
                         extra={"train_command": rundir.command_line()} if rundir.command_line() else {}),
               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),  # ignores label -100
               augment=Augment.from_config(cfg.data, cfg.seed),
-              total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs)
+              total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs, ema=ema)
     if accelerator.is_main_process:
         rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None)
         _log_start(run)
@@ -223,14 +228,16 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
                 continue
             flags = _reduce_flags(accelerator, nonfinite=nonfinite, stop=stop.requested)  # one sync per step
             lr = lr_at(st.step, run.total_steps, run.plan.num_batches // cfg.train.grad_accum, cfg)
-            _optimizer_step(run, lr, skip=flags["nonfinite"] > 0)
+            stepped = _optimizer_step(run, lr, skip=flags["nonfinite"] > 0)
+            if run.ema and stepped:
+                run.ema.update(run.raw_model, st.step)
             nonfinite.zero_()
             st.step += 1
             st.batch = k + 1
             every = cfg.train.checkpoint_every
             if flags["stop"] > 0 or (every and st.step % every == 0 and k + 1 < run.plan.num_batches):
                 st.epoch_loss = accelerator.reduce(loss_sum.clone(), "sum").item()
-                state.save_resume(accelerator, run.raw_model, run.optimizer, st, run.run_dir, cfg)
+                state.save_resume(accelerator, run.raw_model, run.optimizer, st, run.run_dir, cfg, run.ema)
             if flags["stop"] > 0:
                 _preempted(run)
     bar.close()
@@ -242,25 +249,34 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
 def _evaluate_and_save(run: Run, loss_mean: float, images: int, elapsed: float) -> None:
     """Evaluate every validation image once (all processes), log the record, save last/best weights."""
     accelerator, st, cfg = run.accelerator, run.state, run.cfg
-    _sync_buffers(run.raw_model, accelerator.num_processes)
-    confusions, val_loss = evaluate(run.raw_model, run.val_src, run.val_shards, run.normalize, len(run.ds.classes),
-                                    cfg.train.eval_tta, cfg.model.channels_last, run.criterion)
-    confusions, val_loss = accelerator.reduce(confusions, "sum").cpu(), accelerator.reduce(val_loss, "sum").item()
+    candidates = [("trained", run.raw_model)] + ([("ema", run.ema.module)] if run.ema else [])
+    results = []
+    for name, model in candidates:
+        _sync_buffers(model, accelerator.num_processes)
+        confusions, val_loss = evaluate(model, run.val_src, run.val_shards, run.normalize, len(run.ds.classes),
+                                        cfg.train.eval_tta, cfg.model.channels_last, run.criterion)
+        confusions, val_loss = accelerator.reduce(confusions, "sum").cpu(), accelerator.reduce(val_loss, "sum").item()
+        results.append((float(confusions[0].trace()) / max(1, int(confusions[0].sum())), name, model, confusions,
+                        val_loss))
+    chosen = max(results, key=lambda r: r[0])  # the EMA is released when it is better (ties: the trained weights)
+    _, weights_name, released, confusions, val_loss = chosen
     confusion = confusions[0]  # the plain figure: what the exported model delivers
     record = metrics_record(confusion, run.ds.classes, st.epoch, st.step, loss_mean,
                             run.optimizer.param_groups[0]["lr"], elapsed, images,
                             val_loss=val_loss / max(1, int(confusion.sum())))
+    if run.ema:  # both figures; val_accuracy is the released weights'
+        record.update(weights=weights_name, val_accuracy_trained=results[0][0], val_accuracy_ema=results[1][0])
     if len(confusions) > 1:  # flip TTA, reported beside it, never stored as val_accuracy
         record["val_accuracy_tta"] = float(confusions[1].trace() / max(1, int(confusions[1].sum())))
     improved = record["val_accuracy"] > st.best_accuracy
-    weights.check_finite(run.raw_model)  # every process: they hold the same weights, so all stop together
+    weights.check_finite(released)  # every process: they hold the same weights, so all stop together
     if accelerator.is_main_process:
         rundir.log_epoch(record, run.run_dir, cfg, accelerator)
         run.meta.metrics = {k: record[k] for k in ("epoch", "val_accuracy", "val_count", "per_class",
                                                    "val_accuracy_tta") if k in record}
-        weights.save_weights(run.raw_model, run.meta, run.run_dir / "last.safetensors")
+        weights.save_weights(released, run.meta, run.run_dir / "last.safetensors")
         if improved:
-            weights.save_weights(run.raw_model, run.meta, run.run_dir / "best.safetensors")
+            weights.save_weights(released, run.meta, run.run_dir / "best.safetensors")
     if improved:
         st.best_accuracy, st.best_epoch, st.best_confusion = record["val_accuracy"], st.epoch, confusion.tolist()
 
@@ -296,7 +312,7 @@ def _reduce_flags(accelerator, **flags) -> dict[str, float]:
     return dict(zip(flags, values.tolist()))
 
 
-def _optimizer_step(run: Run, lr: float, skip: bool) -> None:
+def _optimizer_step(run: Run, lr: float, skip: bool) -> bool:
     """Step with `lr`, or skip together with every process when any of them saw a non-finite loss."""
     optimizer, st, cfg = run.optimizer, run.state, run.cfg
     if skip:
@@ -307,13 +323,14 @@ def _optimizer_step(run: Run, lr: float, skip: bool) -> None:
         if st.nonfinite_run >= cfg.train.max_nonfinite:
             raise NonFiniteLoss(f"the loss was NaN or Inf for {st.nonfinite_run} steps in a row (step "
                                 f"{st.step}); lower optim.lr or set train.clip_grad_norm")
-        return
+        return False
     st.nonfinite_run = 0
     if cfg.train.clip_grad_norm > 0:
         run.accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.clip_grad_norm)
     set_lr(optimizer, lr, st.step, run.plan.num_batches // cfg.train.grad_accum, cfg)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def _preempted(run: Run) -> None:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 SMALL_SIDE = 64  # px: images whose median short side is at most this train at their native size
 PHOTO_SIZE_CPU, PHOTO_SIZE_GPU = 64, 128  # px: training size of larger images without a pretrained backbone
 MIN_EPOCHS = 8  # a narrower network is chosen before fewer epochs than this
+FULL_WIDTH_FROM = 10_000  # training images from which the full-width network pays for its 4x compute
+EMA_HORIZON = 0.05  # the weight average spans about this fraction of the run's steps
+EVALUATIONS = 15  # about this many evaluations per run (each one evaluates the weights and their EMA)
 HEADER_SAMPLE = 2000  # files whose headers are read for the size statistics
 FLIP_SAMPLE_PER_CLASS = 32  # images per class decoded (16 px) for the mirror-symmetry test
 FLIP_ASYMMETRY = 0.5  # flips stay off when mirroring moves class means this far (x the between-class distance)
@@ -173,8 +176,9 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
     if small:
         size = max(8, summary.short_side)
         cfg.data.crop_padding = max(1, size // 8)
-        why.append(f"image size {size} px: the images' own size (never upsampled); random translation by up to "
-                   f"{cfg.data.crop_padding} px")
+        cfg.data.rotate_degrees, cfg.data.scale_jitter, cfg.data.cutout = 10.0, 0.1, max(3, size // 4)
+        why.append(f"image size {size} px: the images' own size (never upsampled); augmentation: translation by up "
+                   f"to {cfg.data.crop_padding} px, rotation up to 10 degrees, zoom +-10%, cutout {cfg.data.cutout} px")
     else:
         size = PHOTO_SIZE_GPU if gpu else PHOTO_SIZE_CPU
         why.append(f"image size {size} px: photo-sized images, resized down (no pretrained backbone here)")
@@ -188,14 +192,16 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
     budget_s = 60.0 * cfg.train.budget_minutes
     useful = _useful_epochs(n_fit)
     arch = SPEEDRUN_WIDTHS[-1]
-    for candidate in SPEEDRUN_WIDTHS:  # the widest network that still gets enough epochs
+    widths = SPEEDRUN_WIDTHS if n_fit >= FULL_WIDTH_FROM else SPEEDRUN_WIDTHS[1:]
+    for candidate in widths:  # the widest network that still gets enough epochs
         if budget_s * images_per_second(candidate, size, gpu) / max(n_fit, 1) >= min(MIN_EPOCHS, useful):
             arch = candidate
             break
     rate = images_per_second(arch, size, gpu)
     epochs = int(max(1, min(useful, budget_s * rate / max(n_fit, 1))))
     cfg.model.arch, cfg.train.epochs = arch, epochs
-    why.append(f"model {arch}: the widest speed-run network with {min(MIN_EPOCHS, useful)}+ epochs in the budget "
+    why.append(f"model {arch}: the widest speed-run network with {min(MIN_EPOCHS, useful)}+ epochs in the budget"
+               + ("" if n_fit >= FULL_WIDTH_FROM else f", at most half width below {FULL_WIDTH_FROM:,} images") + " "
                f"({cfg.train.budget_minutes:g} min, estimated {rate:,.0f} images/s on "
                f"{'a GPU' if gpu else f'{os.cpu_count()} CPU cores'})")
     why.append(f"{epochs} epochs: about {epochs * n_fit / rate / 60:.1f} min (a dataset of {n_fit:,} uses up to "
@@ -208,7 +214,12 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
     cfg.optim.lr = round(0.2 * math.sqrt(batch / 64), 4)  # square-root scaling from 0.2 at batch 64
     cfg.optim.weight_decay = 5e-4 * 64 / batch if batch > 64 else 5e-4
     cfg.train.label_smoothing = 0.2
-    why.append(f"batch {batch}, SGD Nesterov, one-cycle to lr {cfg.optim.lr:g}, label smoothing 0.2")
+    steps = epochs * max(1, n_fit // batch)
+    cfg.train.ema_decay = round(1.0 - 1.0 / max(10.0, EMA_HORIZON * steps), 5)
+    cfg.train.eval_every = max(1, epochs // EVALUATIONS)
+    why.append(f"batch {batch}, SGD Nesterov, one-cycle to lr {cfg.optim.lr:g}, label smoothing 0.2, EMA of the "
+               f"weights (decay {cfg.train.ema_decay:g}: about {EMA_HORIZON:.0%} of the {steps:,} steps), evaluated "
+               f"every {cfg.train.eval_every} epoch(s)")
     return cfg, why
 
 

@@ -154,8 +154,8 @@ def load_state(path: Path) -> tuple[TrainState, dict[str, object]]:
     return trainer, files
 
 
-def save_resume(accelerator, raw_model, optimizer, st: TrainState, run_dir: Path, cfg) -> None:
-    """Resume state: weights, optimizer, loss scaler, every process's RNG, position. Main writes."""
+def save_resume(accelerator, raw_model, optimizer, st: TrainState, run_dir: Path, cfg, ema=None) -> None:
+    """Resume state: weights (and their EMA), optimizer, loss scaler, every process's RNG, position. Main writes."""
     from accelerate.utils import gather_object
 
     check_finite(raw_model)  # on every process, before any collective: all stop together
@@ -171,6 +171,8 @@ def save_resume(accelerator, raw_model, optimizer, st: TrainState, run_dir: Path
              "rng.pt": {str(r): v for r, v in enumerate(rngs)}}
     if accelerator.scaler is not None:
         files["scaler.pt"] = accelerator.scaler.state_dict()
+    if ema is not None:
+        files["ema.safetensors"] = clean_state_dict(ema.state_dict())
     trainer = dataclasses.replace(st, world_size=accelerator.num_processes, batch_size=cfg.data.batch_size,
                                   grad_accum=cfg.train.grad_accum, config_hash=cfg.hash())
     save_state(run_dir / "state", st.step, files, trainer, cfg.train.keep_states)
