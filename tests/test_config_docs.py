@@ -59,13 +59,17 @@ def test_a_bad_key_fails_before_torch_is_imported():
 
 def test_a_bad_model_name_fails_before_torch_and_before_the_data(tmp_path):
     root = tmp_path / "cifar"  # would be downloaded into, were the data touched
-    proc, modules = imported_modules("train", "configs/cifar10.yaml", "model.arch=resnet18", f"data.root={root}")
+    proc, modules = imported_modules("train", "configs/cifar10.yaml", "model.arch=resnet_smal", f"data.root={root}")
     assert proc.returncode == 2
-    assert errors(proc) == ["error: unknown model.arch 'resnet18'; did you mean 'resnet_small'? "
-                            "(`toolkit models` lists them)"]
+    assert errors(proc) == ["error: unknown model.arch 'resnet_smal'; did you mean 'resnet_small'? "
+                            "(`toolkit models` lists them; a timm model of that name: timm/resnet_smal)"]
     assert "torch" not in modules and not root.exists()
     proc, modules = imported_modules("config", "configs/quickstart.yaml", "model.arch=tutorial_net_bm")
     assert "did you mean 'tutorial_net_bn'" in errors(proc)[-1] and "torch" not in modules
+    # a name far from every built-in one may be a timm model: asked of timm (torch), still before any data
+    proc = run_toolkit("train", "configs/cifar10.yaml", "model.arch=nosuchnet", f"data.root={root}", check=False,
+                       cwd=ROOT)
+    assert proc.returncode == 2 and "unknown model.arch 'nosuchnet'" in proc.stderr and not root.exists()
 
 
 def test_a_bad_timm_name_is_named():

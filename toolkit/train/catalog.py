@@ -5,7 +5,8 @@ them before torch is imported or any data is read. They are read from the @regis
 functions of models.py (name and first docstring line), which stays the one place a model is
 defined; tests/test_models.py holds that this list equals the live registry. timm names are
 checked with timm's own list, only for `timm/<name>` and names the registry does not know (bare timm
-names like resnet18): importing timm imports torch.
+names like resnet18): importing timm imports torch. A near miss of a built-in name (resnet_smal) is
+a typo, reported without importing timm.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from toolkit import UserError
 
 MODELS_SOURCE = Path(__file__).with_name("models.py")
+TYPO_CUTOFF = 0.8  # difflib ratio from which an unknown name is a typo of a built-in one (resnet_smal, not resnet18)
 
 
 def builtin_models() -> dict[str, str]:
@@ -52,7 +54,13 @@ def check_arch(arch: str, known: dict | None = None) -> None:
             raise UserError(f"unknown model.arch '{arch}': timm has no model '{name}'{hint}")
         return
     known = builtin_models() if known is None else known
-    if arch not in known and _bare_timm_name(arch):
+    if arch in known:
+        return
+    typo = difflib.get_close_matches(arch, list(known), n=1, cutoff=TYPO_CUTOFF)
+    if typo:  # a near miss of a built-in name: said at once, without importing timm (and so torch)
+        raise UserError(f"unknown model.arch '{arch}'; did you mean '{typo[0]}'? (`toolkit models` lists them; "
+                        f"a timm model of that name: timm/{arch})")
+    if _bare_timm_name(arch):
         return
     if arch not in known:
         close = difflib.get_close_matches(arch, list(known), n=1)
