@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "toolkit"
-TORCH = ("torch", "torchvision", "accelerate", "safetensors", "timm", "onnxscript")  # the training side's libraries
+TORCH = ("torch", "torchvision", "accelerate", "safetensors", "timm", "onnxscript", "onnx")  # not in the base install
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

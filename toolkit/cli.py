@@ -336,6 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the optional extra that brings each package (pyproject.toml); the base install is what `predict` needs
+EXTRAS = {"torch": "train", "torchvision": "train", "accelerate": "train", "onnx": "train", "onnxscript": "train",
+          "safetensors": "train", "matplotlib": "train", "timm": "timm", "pyarrow": "parquet", "ray": "ray",
+          "fsspec": "storage", "s3fs": "storage", "tensorboardX": "tensorboard"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install for a package missing from this install, or None."""
+    package = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(package)
+    if extra is None:
+        return None
+    what = "training, export and torch checkpoints" if extra == "train" else f"this ({package})"
+    return f"{package} is not installed: {what} needs the {extra} extra: pip install 'toolkit[{extra}]'"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -347,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        line = missing_extra(e)
+        if line is None or args.debug:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -86,11 +86,11 @@ def read_meta(path) -> Meta:
     if not path.is_file():
         raise UserError(f"no model at '{path}'")
     if path.suffix.lower() == ".onnx":
-        import onnx
+        from toolkit.core.onnxfile import NotOnnx, OnnxFile
 
-        try:
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as e:  # onnx raises its own decode errors
+        try:  # the metadata alone, without the onnx package or loading any weight
+            props = OnnxFile(path).metadata()
+        except (NotOnnx, OSError) as e:
             raise UserError(f"'{path}' is not a readable ONNX file ({str(e).splitlines()[0][:100]})") from None
     else:
         try:

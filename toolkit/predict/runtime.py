@@ -15,6 +15,7 @@ import numpy as np
 from toolkit import UserError
 from toolkit.core import images
 from toolkit.core.meta import META_KEY, Meta
+from toolkit.core.onnxfile import NotOnnx, OnnxFile
 
 DEVICES = ("cpu", "cuda", "auto")
 OUTPUTS = ("logits", "probabilities", "log-probabilities")  # what the model's output holds
@@ -47,40 +48,21 @@ def output_kind(graph) -> str:
 
 
 def read_graph(path: Path) -> GraphInfo:
-    """Check the file's external data (see check_external_data) and read its input shape and output kind."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    """Check the file's external data (see check_external_data) and read its input shape and output kind.
+    Read by core.onnxfile, without the onnx package (the base install has none) and without loading weights."""
+    model = OnnxFile(path)
     check_external_data(path, model)
-    init = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init]
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
-    return GraphInfo(dims, output_kind(model.graph))
+    graph = model.graph()
+    inputs = [i for i in graph.input if i.name not in graph.initializer_names]
+    return GraphInfo(inputs[0].shape if inputs else [], output_kind(graph))
 
 
-def external_data_files(path: Path, model=None) -> list[str]:
+def external_data_files(path: Path, model: OnnxFile | None = None) -> list[str]:
     """Locations (relative to the model's folder) of the weight files an ONNX model keeps outside itself."""
-    import onnx
-
-    model = model if model is not None else onnx.load(str(path), load_external_data=False)
-
-    def tensors(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from tensors(sub)
-
-    found = {}
-    for t in tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            found[{e.key: e.value for e in t.external_data}.get("location", "")] = None
-    return list(found)
+    return (model or OnnxFile(path)).external_locations()
 
 
-def check_external_data(path: Path, model=None) -> None:
+def check_external_data(path: Path, model: OnnxFile | None = None) -> None:
     """Refuse a model whose external weight files lie outside its own folder (path traversal)."""
     base = path.parent.resolve()
     for location in external_data_files(path, model):
@@ -98,7 +80,7 @@ def validate_model(path: str | Path, device: str = "cpu") -> GraphInfo:
         info = read_graph(path)
     except UserError:
         raise
-    except Exception as e:  # onnx's own decode errors
+    except (NotOnnx, OSError) as e:  # not a model, or unreadable
         raise UserError(f"'{path}' is not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
     providers(device)
     return info
