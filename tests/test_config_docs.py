@@ -124,3 +124,13 @@ def test_train_from_python_checks_the_model_before_the_data(tmp_path):
     with pytest.raises(UserError, match="did you mean 'resnet_small'"):
         train(cfg)
     assert not root.exists() and not list(tmp_path.iterdir())
+
+
+def test_config_of_a_data_folder_prints_the_recipe_train_takes_back(tmp_path):
+    from conftest import two_colours
+
+    data = two_colours(tmp_path / "photos", n=6, size=16)
+    first = run_toolkit("config", data, "train.epochs=3").stdout
+    (tmp_path / "recipe.yaml").write_text(first)
+    assert run_toolkit("config", tmp_path / "recipe.yaml").stdout.splitlines()[1:] == first.splitlines()[1:]
+    assert yaml.safe_load(first)["data"]["root"] == str(data) and yaml.safe_load(first)["train"]["epochs"] == 3
