@@ -7,7 +7,15 @@ On a folder of small PNGs (32x32) and one of larger JPEGs (1024x768), images per
 with the ratios b/a and b/c; then the peak memory (RSS summed over the predict process and its
 decode workers, sampled every 20 ms) for 2,000 and 20,000 files.
 
-    python benchmarks/predict_speed.py [--small 10000] [--jpegs 1000]
+With --ray (needs toolkit[ray]), the Ray engine beside the built-in one on this machine, both as the
+command a user runs (`toolkit predict ... [--engine ray]`, Ray's start included), on N and 2N files:
+images per second, peak memory (PSS summed over the command's process tree: Ray's GCS, raylet and
+workers, or the decode workers; shared pages counted once), and the marginal images per CPU-second,
+N / (CPU(2N) - CPU(N)): start-up excluded, and unlike wall time not inflated by other work on a shared
+machine. That is the per-core figure to multiply by the cores of a cluster; the ratio ray / built-in of
+it is the engine's overhead on one machine.
+
+    python benchmarks/predict_speed.py [--small 10000] [--jpegs 1000] [--ray [--chunk-size 256]] [--skip-baselines]
 """
 
 from __future__ import annotations
@@ -111,6 +119,80 @@ def peak_memory(model: Path, folder: Path, out: Path) -> tuple[int, float]:
     return peak, time.perf_counter() - start
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            todo += [int(c) for t in os.listdir(f"/proc/{p}/task")
+                     for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages split between the processes that use them)."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("Pss:"))) * 1024
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def command_run(model: Path, folder: Path, out: Path, *extra: str) -> tuple[float, float, int]:
+    """`toolkit predict` as a user runs it: -> (wall seconds, CPU seconds and peak PSS of its whole process
+    tree: the decode workers, or Ray's GCS, raylet and workers), sampled every 50 ms."""
+    cmd = [sys.executable, "-m", "toolkit", "predict", str(model), str(folder), "-o", str(out), "--overwrite", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, ticks, start = 0, {}, time.perf_counter()
+    while proc.poll() is None:
+        pss = 0
+        for p in _tree(proc.pid):
+            try:
+                pss += _pss(p)
+                ticks[p] = max(ticks.get(p, 0), _cpu_ticks(p))
+            except (OSError, StopIteration, ValueError, IndexError):
+                pass
+        peak = max(peak, pss)
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return seconds, sum(ticks.values()) / os.sysconf("SC_CLK_TCK"), peak
+
+
+def ray_section(model: Path, folders: list[tuple[str, Path]], work: Path, repeats: int, chunk: int) -> None:
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n## the Ray engine beside the built-in one, {cores} cores, whole commands; load average before: "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"{'folder':26} {'engine':9} {'img/s N':>8} {'img/s 2N':>9} {'peak MiB':>9} {'img per CPU-s':>14}"
+          f"   (marginal: N / (CPU(2N) - CPU(N)), start-up excluded)")
+    rates = {}
+    for name, folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        doubled = work / f"twice-{folder.name}"
+        if not doubled.exists():
+            linked(files + files, doubled, 2 * len(files))
+        for engine in ("local", "ray"):
+            runs = {f: [command_run(model, f, work / f"e-{engine}.csv", "--engine", engine, "--chunk-size", str(chunk))
+                        for _ in range(repeats)] for f in (folder, doubled)}
+            wall = {f: statistics.median(r[0] for r in v) for f, v in runs.items()}
+            cpu = {f: statistics.median(r[1] for r in v) for f, v in runs.items()}
+            peak = max(r[2] for v in runs.values() for r in v) / 2**20
+            extra_cpu = cpu[doubled] - cpu[folder]
+            rates[name, engine] = len(files) / extra_cpu if extra_cpu > 0 else float("nan")  # nan: N too small
+            print(f"{name:26} {engine:9} {len(files) / wall[folder]:8.0f} {2 * len(files) / wall[doubled]:9.0f}"
+                  f" {peak:9.0f} {rates[name, engine]:14.0f}", flush=True)
+    print(f"\nratio ray / built-in, images per CPU-second: " + ", ".join(
+        f"{name} {rates[name, 'ray'] / rates[name, 'local']:.2f}" for name, _ in folders) +
+          f"; load average after: {os.getloadavg()[0]:.1f}")
+
+
 def linked(src_files: list[Path], folder: Path, n: int) -> Path:
     folder.mkdir()
     for i in range(n):
@@ -123,6 +205,9 @@ def main() -> None:
     p.add_argument("--small", type=int, default=10_000, help="small PNGs")
     p.add_argument("--jpegs", type=int, default=1_000, help="1024x768 JPEGs")
     p.add_argument("--repeats", type=int, default=3, help="alternating measurements (medians are printed)")
+    p.add_argument("--ray", action="store_true", help="also the Ray engine beside the built-in one")
+    p.add_argument("--chunk-size", type=int, default=256, help="--engine ray: files per chunk (Ray task, part file)")
+    p.add_argument("--skip-baselines", action="store_true", help="skip the per-image loop and memory sections")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="predict_speed-"))
@@ -133,10 +218,16 @@ def main() -> None:
                                                            MEAN, STD), weights)
     model = export(weights, work / "model.onnx", data_dir=str(small))
 
+    folders = [(f"{args.small:,} small PNGs", small), (f"{args.jpegs:,} JPEGs 1024x768", big)]
+    if args.ray:
+        ray_section(model, folders, work, args.repeats, args.chunk_size)
+    if args.skip_baselines:
+        print(f"\n(work files in {work})")
+        return
     print(f"\n## images per second, {os.cpu_count()} cores (tutorial_net_bn, 32x32 input)\n")
     print(f"{'folder':26} {'per-image loop':>15} {'toolkit predict':>16} {'decode only':>12} {'x loop':>7}"
           f" {'of decode':>10}   spread (min-max)")
-    for name, folder in ((f"{args.small:,} small PNGs", small), (f"{args.jpegs:,} JPEGs 1024x768", big)):
+    for name, folder in folders:
         runs = {"loop": [], "predict": [], "decode": []}
         for _ in range(args.repeats):  # this machine is noisy: alternate the three, compare medians
             runs["loop"].append(classic_loop(weights, folder, work / "loop.csv"))

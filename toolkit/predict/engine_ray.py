@@ -13,6 +13,7 @@ a chunk whose worker died; a part is written whole under a name fixed by its chu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -192,6 +193,7 @@ def run_chunks(todo: list[tuple[int, list[str]]], model: Path, sha256: str, meta
 
         resources = ray.cluster_resources()
         p = plan(resources.get("CPU", 0.0), resources.get("GPU", 0.0), device, workers)
+        p = dataclasses.replace(p, actors=min(p.actors, len(todo)))  # an actor without a chunk would only wait
         log.info("Ray: %d inference actors (%.2g CPU, %.2g GPU each)%s", p.actors, p.actor_cpus, p.actor_gpus,
                  f", decode tasks of {p.decode_cpus:.2g} CPU" if p.decode_cpus else "")
         ctx = ray.data.DataContext.get_current()

@@ -35,8 +35,8 @@ def _model_dir(files: dict[str, bytes], sha256: str) -> Path:
 class ChunkPredictor:
     """A Ray actor: (decodes,) predicts and writes whole chunks; returns each chunk's row count."""
 
-    def __init__(self, model_files: dict[str, bytes], model_name: str, sha256: str, fallback: dict | None,
-                 outputs: str, device: str, threads: int, source: Location, parts: Location, topk: int, batch_size: int,
+    def __init__(self, model_files: dict[str, bytes], model_name: str, sha256: str, fallback: dict | None, outputs: str,
+                 device: str, threads: int, source: Location, parts: Location, topk: int, batch_size: int,
                  max_pixels: int):
         for where, what in ((source, "input folder"), (parts, "output folder")):
             if not where.url and not os.path.isdir(str(where)):
