@@ -138,3 +138,32 @@ def test_freeze_then_discriminative_warmup():
     assert all(g["lr"] == 0.5 for g in head) and all(g["lr"] == 0.0 for g in backbone)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
         sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_runs_weights_beats_training_from_scratch(tmp_path):
+    """Weights of a run on 10 shape classes, fine-tuned on 3 classes with 5 pictures each, against the same
+    network, data and epochs from random weights."""
+    import shutil
+
+    from toolkit.config import load_config
+    from toolkit.train import train
+    from toolkit.train.datasets import shapes
+
+    source_data, target = tmp_path / "source", tmp_path / "target"
+    shapes.generate(source_data, train_per_class=60, val_per_class=10, seed=0, workers=1)
+    shapes.generate(target, train_per_class=5, val_per_class=30, seed=5, workers=1)
+    for name in shapes.CLASSES[3:]:  # another dataset: 3 classes, other pictures
+        shutil.rmtree(target / "train" / name)
+        shutil.rmtree(target / "val" / name)
+    common = ["data.kind=imagefolder", "model.arch=speedrun_net_xs", "train.progress=false", "optim.lr=0.1",
+              f"train.out_dir={tmp_path / 'runs'}", "data.batch_size=16"]
+    source = train(load_config(None, common + [f"data.root={source_data}", "train.epochs=6", "name=source"]))
+
+    def accuracy(*extra):
+        run = train(load_config(None, common + [f"data.root={target}", "train.epochs=4", *extra]))
+        return max(json.loads(line)["val_accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines())
+
+    scratch = accuracy("name=scratch")
+    tuned = accuracy("name=tuned", f"model.weights={source / 'best.safetensors'}")
+    assert tuned > scratch + 0.1, (tuned, scratch)

@@ -105,6 +105,16 @@ def test_overrides_win_and_the_cli_accepts_a_folder(tmp_path):
 def test_choosing_a_recipe_imports_no_torch(tmp_path):
     root = _folder(tmp_path / "glyphs", ["L", "J"], side=12)
     code = (f"import sys; from toolkit.train.recipe import recipe_for; recipe_for({str(root)!r}); "
+            "from toolkit.train.catalog import check_arch; check_arch('resnet18'); "  # a bare timm name, no torch
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_drop_last_leaves_out_a_small_tail_and_the_recipe_uses_it(tmp_path):
+    from toolkit.train.data import TrainPlan
+
+    plan = TrainPlan(898, 64, world=1, rank=0, seed=0, drop_last=True)
+    assert plan.num_batches == 14 and all(len(b) == 64 for b in plan.batches(0))
+    assert len(TrainPlan(898, 64, 1, 0, 0).batches(0)[-1]) == 2  # without it: a batch of 2 for BatchNorm
+    assert recipe.recipe_for(_folder(tmp_path / "g", ["L", "J"], side=12)).data.drop_last is True

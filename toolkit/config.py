@@ -31,6 +31,7 @@ class DataConfig:
     image_size: int = 32  # pixels; images are square after preprocessing
     resize: str = "center_crop"  # center_crop (shorter side, then crop) | squash (ignore aspect)
     batch_size: int = 64  # per process; global batch = batch_size * processes * train.grad_accum
+    drop_last: bool = False  # leave out each epoch's incomplete last batch (few images = noisy BatchNorm statistics)
     val_fraction: float = 0.1  # imagefolder without val/: seeded split of train/
     augment: bool = True  # random crop with padding + horizontal flip, on whole batches
     crop_padding: int = 4  # pixels of zero padding around the random crop

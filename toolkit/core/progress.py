@@ -20,7 +20,10 @@ class _Lines:
         now = time.perf_counter()
         if now - self.last >= self.EVERY_S and self.n < self.total:
             self.last = now
-            print(f"{self.desc}: {self.n}/{self.total} ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
+            rate = self.n / max(now - self.start, 1e-9)
+            eta = (self.total - self.n) / max(rate, 1e-9)
+            print(f"{self.desc}: {self.n}/{self.total} ({now - self.start:.0f} s, {rate:.3g}/s, ETA {eta:.0f} s)",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass

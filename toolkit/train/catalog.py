@@ -32,12 +32,20 @@ def builtin_models() -> dict[str, str]:
 
 
 def _bare_timm_name(arch: str) -> bool:
-    """A timm model name without the timm/ prefix, e.g. resnet18 (imports timm, so only for unknown names)."""
-    try:
-        import timm
-    except ImportError:
+    """A timm model name without the timm/ prefix, e.g. resnet18: read from timm's sources, like the
+    registry above (timm's @register_model functions), so that no torch is imported."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
         return False
-    return timm.is_model(arch)
+    pattern = re.compile(rf"@register_model\s*\ndef {re.escape(arch)}\(")
+    for folder in spec.submodule_search_locations:
+        for path in (Path(folder) / "models").glob("*.py"):
+            if f"def {arch}(" in (text := path.read_text(errors="replace")) and pattern.search(text):
+                return True
+    return False
 
 
 def check_arch(arch: str, known: dict | None = None) -> None:

@@ -160,6 +160,9 @@ class TrainPlan:
     batch B*world takes at step k. The batch count is a multiple of grad_accum, so an
     optimizer step never straddles two epochs.
 
+    With drop_last, an epoch's incomplete last batch is left out (a random few samples each epoch,
+    as DataLoader(drop_last=True)): a batch of a few images gives BatchNorm noisy statistics.
+
     No process ever gets a batch of one image (BatchNorm in train mode cannot normalise a
     single value per channel): a last batch of one image per process joins the batch before
     it (B + 1 images). That is the one place where N processes with batch B and one process
@@ -168,10 +171,13 @@ class TrainPlan:
     resume stays exact.
     """
 
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1):
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, grad_accum: int = 1,
+                 drop_last: bool = False):
         self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
         self.per_rank = n // world
         full, tail = divmod(self.per_rank, batch_size)
+        if drop_last and full > 0:  # an incomplete last batch is left out (other samples each epoch)
+            tail = 0
         merged = tail == 1 and full > 0  # a tail of one image joins the batch before it
         batches = full + (tail > 0) - merged
         self.num_batches = batches - batches % grad_accum

@@ -12,6 +12,7 @@ scaler, every process's RNG and the position inside the epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 import toolkit.train.data as data
+import toolkit.train.heldout as heldout
 import toolkit.train.pretrained as pretrained
 import toolkit.train.report as report
 import toolkit.train.rundir as rundir
@@ -40,6 +42,7 @@ from toolkit.train.optim import build_optimizer, lr_at, set_lr
 from toolkit.train.state import TrainState
 
 log = logging.getLogger(__name__)
+ESTIMATE_AFTER_STEPS = 20  # optimizer steps timed before the run's duration is estimated
 
 
 class NonFiniteLoss(UserError):
@@ -96,6 +99,8 @@ class Run:
     augment: Augment | None
     total_steps: int
     ema: WeightEma | None = None  # the moving average of the weights, evaluated beside them
+    timed_steps: int = 0  # optimizer steps this process has trained, and their seconds (the estimate)
+    timed_s: float = 0.0
 
 
 def train(cfg: Config) -> Path:
@@ -141,7 +146,8 @@ def _set_up(cfg: Config) -> Run:
     if state_path:
         state.restore_resume(accelerator, optimizer, files, st, cfg)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, st.epoch + 1, st.batch, st.step)
-    plan = data.TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum)
+    plan = data.TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum,
+                          cfg.data.drop_last)
     workers = rundir.loader_workers(cfg) if ds.train.files is not None else 0
     run = Run(cfg, accelerator, run_dir, ds, model, raw_model, optimizer, plan, st,
               normalize=data.Normalize(cfg.data.mean, cfg.data.std).to(device),
@@ -234,6 +240,9 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
             nonfinite.zero_()
             st.step += 1
             st.batch = k + 1
+            run.timed_steps += 1
+            if main and run.timed_steps == ESTIMATE_AFTER_STEPS:
+                _log_estimate(run, epoch, (run.timed_s + time.perf_counter() - start) / run.timed_steps)
             every = cfg.train.checkpoint_every
             if flags["stop"] > 0 or (every and st.step % every == 0 and k + 1 < run.plan.num_batches):
                 st.epoch_loss = accelerator.reduce(loss_sum.clone(), "sum").item()
@@ -242,6 +251,7 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
                 _preempted(run)
     bar.close()
     elapsed = time.perf_counter() - start
+    run.timed_s += elapsed
     loss_mean = accelerator.reduce(loss_sum, "sum").item() / (run.plan.num_batches * world)
     return loss_mean, seen * world, elapsed
 
@@ -281,14 +291,28 @@ def _evaluate_and_save(run: Run, loss_mean: float, images: int, elapsed: float) 
         st.best_accuracy, st.best_epoch, st.best_confusion = record["val_accuracy"], st.epoch, confusion.tolist()
 
 
+def _log_estimate(run: Run, epoch: int, per_step_s: float) -> None:
+    """'about N s per epoch, about M min for the run', from the first steps of this process (training only)."""
+    epoch_s = per_step_s * (run.plan.num_batches // run.cfg.train.grad_accum)
+    left = epoch_s * (run.cfg.train.epochs - epoch)
+    log.info("about %.0f s per epoch, about %.1f min for the run (%d epochs; from the first %d steps, evaluation "
+             "not counted)", epoch_s, left / 60, run.cfg.train.epochs - epoch, ESTIMATE_AFTER_STEPS)
+
+
 def _finish_run(run: Run) -> None:
     """The run report (main process), then every process leaves together."""
     st, run_dir = run.state, run.run_dir
     if run.accelerator.is_main_process and (run_dir / "best.safetensors").is_file():
         validation = report.validation_predictions(run_dir, run.ds.val, run.cfg.data, run.accelerator.device)
         report.write_report(run_dir, run.ds.classes, st.best_confusion, st.best_epoch, validation)
-        log.info("best val accuracy %.2f%% at epoch %d; %d non-finite steps skipped",
-                 100 * st.best_accuracy, st.best_epoch, st.nonfinite_skipped)
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        log.info("best val accuracy %.2f%% at epoch %d (the epoch chosen on validation, so optimistic for new "
+                 "images); last epoch %.2f%%; %d non-finite steps skipped", 100 * st.best_accuracy, st.best_epoch,
+                 100 * last["val_accuracy"], st.nonfinite_skipped)
+        test = heldout.test_accuracy(run_dir, run.cfg, run.ds.classes, run.accelerator.device)
+        if test:
+            log.info("test accuracy %.2f%% on %d untouched images of %s (best weights; never trained or selected "
+                     "on)", 100 * test["test_accuracy"], test["test_count"], test["test_dir"])
     rundir.finish(run.accelerator)
 
 

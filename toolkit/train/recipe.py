@@ -38,6 +38,7 @@ SMALL_SIDE = 64  # px: images whose median short side is at most this train at t
 PHOTO_SIZE_CPU, PHOTO_SIZE_GPU = 64, 128  # px: training size of larger images without a pretrained backbone
 MIN_EPOCHS = 8  # a narrower network is chosen before fewer epochs than this
 FULL_WIDTH_FROM = 10_000  # training images from which the full-width network pays for its 4x compute
+CUTOUT_FROM = 16  # px: cutout (a quarter of the side) from this size; on 8 px digits it cost accuracy
 EMA_HORIZON = 0.05  # the weight average spans about this fraction of the run's steps
 EVALUATIONS = 15  # about this many evaluations per run (each one evaluates the weights and their EMA)
 HEADER_SAMPLE = 2000  # files whose headers are read for the size statistics
@@ -159,8 +160,8 @@ def images_per_second(arch: str, size: int, gpu: bool, cores: int | None = None)
 
 
 def _useful_epochs(num_train: int) -> int:
-    """Passes over the data that still pay off: ~60 for a few hundred images, ~10 for 50,000 (then the budget)."""
-    return int(min(100, max(10, 60 * math.sqrt(1000 / max(num_train, 1)))))
+    """Passes over the data that still pay off: ~80 for 1,000 images, ~11 for 50,000 (then the budget decides)."""
+    return int(min(100, max(10, 80 * math.sqrt(1000 / max(num_train, 1)))))
 
 
 def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tuple[Config, list[str]]:
@@ -176,12 +177,18 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
     if small:
         size = max(8, summary.short_side)
         cfg.data.crop_padding = max(1, size // 8)
-        cfg.data.rotate_degrees, cfg.data.scale_jitter, cfg.data.cutout = 10.0, 0.1, max(3, size // 4)
+        cfg.data.rotate_degrees, cfg.data.scale_jitter = 10.0, 0.1
+        cfg.data.cutout = size // 4 if size >= CUTOUT_FROM else 0
         why.append(f"image size {size} px: the images' own size (never upsampled); augmentation: translation by up "
-                   f"to {cfg.data.crop_padding} px, rotation up to 10 degrees, zoom +-10%, cutout {cfg.data.cutout} px")
+                   f"to {cfg.data.crop_padding} px, rotation up to 10 degrees, zoom +-10%"
+                   + (f", cutout {cfg.data.cutout} px" if cfg.data.cutout else ""))
     else:
         size = PHOTO_SIZE_GPU if gpu else PHOTO_SIZE_CPU
-        why.append(f"image size {size} px: photo-sized images, resized down (no pretrained backbone here)")
+        cfg.data.crop_padding, cfg.data.cutout = size // 8, size // 4
+        cfg.data.rotate_degrees, cfg.data.scale_jitter = 10.0, 0.2
+        why.append(f"image size {size} px: photo-sized images, resized down (no pretrained backbone here); "
+                   f"augmentation: translation by up to {size // 8} px, rotation up to 10 degrees, zoom +-20%, "
+                   f"cutout {size // 4} px")
     cfg.data.image_size = size
     asym = summary.flip_asymmetry
     cfg.data.hflip = asym is None or asym < FLIP_ASYMMETRY
@@ -208,7 +215,7 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
                f"{useful} epochs)")
 
     batch = int(min(512, max(32, 2 ** round(math.log2(max(n_fit, 1) / 16)))))  # ~16+ steps per epoch
-    cfg.data.batch_size = batch
+    cfg.data.batch_size, cfg.data.drop_last = batch, True
     cfg.optim.name, cfg.optim.nesterov, cfg.optim.momentum = "sgd", True, 0.9
     cfg.optim.schedule = "onecycle"
     cfg.optim.lr = round(0.2 * math.sqrt(batch / 64), 4)  # square-root scaling from 0.2 at batch 64
