@@ -158,7 +158,10 @@ class TrainPlan:
     like DistributedSampler: process r gets perm[r::world]. Batch k of every process
     together is perm[k*B*world : (k+1)*B*world], the same samples a single process with
     batch B*world takes at step k. The batch count is a multiple of grad_accum, so an
-    optimizer step never straddles two epochs.
+    optimizer step never straddles two epochs. The two are equal in exact arithmetic; in
+    float32 they round differently (another batch size and thread count), and a ReLU input
+    within that rounding of zero passes a gradient in one run only, so the weights can part
+    by more than rounding. tests/test_resume.py compares them in float64.
 
     With drop_last, an epoch's incomplete last batch is left out (a random few samples each epoch,
     as DataLoader(drop_last=True)): a batch of a few images gives BatchNorm noisy statistics.
