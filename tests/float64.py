@@ -10,17 +10,17 @@ converted; a forward pre-hook converts its input. Released weights are saved as 
 
 import sys
 
-import toolkit.train.loop as train_module
+import toolkit.train.pretrained as pretrained
 from toolkit.cli import main
 
-real_create_model = train_module.create_model
+real_build = pretrained.build  # the loop builds every model through it
 
 
-def create_model(*args, **kwargs):
-    model = real_create_model(*args, **kwargs).double()
+def build(*args, **kwargs):
+    model = real_build(*args, **kwargs).double()
     model.register_forward_pre_hook(lambda module, inputs: tuple(x.double() for x in inputs))
     return model
 
 
-train_module.create_model = create_model
+pretrained.build = build
 main(sys.argv[1:])
