@@ -61,4 +61,4 @@ def test_train_export_predict_evaluate(tmp_path):
         assert result["n"] == best["val_count"] == 50
         assert result["correct"] == round(best["val_accuracy"] * 50)
         assert set(result["per_class"]) == {p.name for p in (data / "val").iterdir()}
-    assert sum(r["label"] == r["path"].split("/")[0] for r in rows) == result["correct"]
+    assert sum(r["top1_label"] == r["path"].split("/")[0] for r in rows) == result["correct"]

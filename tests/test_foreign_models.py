@@ -67,8 +67,8 @@ def test_output_kind_is_read_from_the_graph(tmp_path, photos, last, kind):
     want = _expected(last, photos)
     for row in table.read_rows(tmp_path / "p.csv"):
         p = want[row["path"]]
-        assert row["label"] == list(COLOURS)[int(p.argmax())]
-        assert float(row["score"]) == pytest.approx(float(p.max()), abs=2e-6)  # never a second softmax
+        assert row["top1_label"] == list(COLOURS)[int(p.argmax())]
+        assert float(row["top1_score"]) == pytest.approx(float(p.max()), abs=2e-6)  # never a second softmax
         assert float(row["top2_score"]) == pytest.approx(float(np.sort(p)[-2]), abs=2e-6)
     run = json.loads((tmp_path / "p.csv.run.json").read_text())
     assert run["outputs"] == kind

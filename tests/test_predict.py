@@ -34,7 +34,7 @@ def test_every_file_gets_one_row_with_the_right_answer(onnx_file, corpus, tmp_pa
     out = tmp_path / "p.csv"
     summary = predict(onnx_file, root, out, batch_size=4, topk=3, workers=2, max_pixels=10_000_000)
     rows = _rows(out)
-    assert list(rows[0])[:4] == ["path", "label", "score", "error"]
+    assert list(rows[0])[:4] == ["path", "top1_label", "top1_score", "error"]  # one set of ranked columns
     assert [r["path"] for r in rows] == images.find_images(root)  # every image-looking file, once, in walk order
     assert len(rows) == 20 + 7 + len(expected)
     errors = {r["path"]: r["error"] for r in rows if r["error"]}
@@ -50,11 +50,11 @@ def test_every_file_gets_one_row_with_the_right_answer(onnx_file, corpus, tmp_pa
     for r in rows:
         if not r["error"]:
             px = images.load(root / r["path"], 32)[None]
-            assert clf.meta.class_names[int(clf.logits(px).argmax())] == r["label"], r["path"]
-            scores = [r["score"], r["top2_score"], r["top3_score"]]
-            assert scores == sorted(scores, reverse=True) and len({r["label"], r["top2_label"], r["top3_label"]}) == 3
+            assert clf.meta.class_names[int(clf.logits(px).argmax())] == r["top1_label"], r["path"]
+            scores = [r["top1_score"], r["top2_score"], r["top3_score"]]
+            assert scores == sorted(scores, reverse=True) and len({r["top1_label"], r["top2_label"], r["top3_label"]}) == 3
             probs = clf.probabilities(px)[0]
-            assert r["score"] == round(float(probs.max()), 6)
+            assert r["top1_score"] == round(float(probs.max()), 6)
     assert _fingerprint(root) == before  # input files are never modified
 
 
@@ -88,9 +88,9 @@ def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
     table = pa.read_table(tmp_path / "p.parquet").to_pylist()
     assert len(from_csv) == len(from_jsonl) == len(table)
     for a, b, c in zip(from_csv, from_jsonl, table):
-        assert a["path"] == b["path"] == c["path"] and a["label"] == b["label"] == (c["label"] or "")
+        assert a["path"] == b["path"] == c["path"] and a["top1_label"] == b["top1_label"] == (c["top1_label"] or "")
         if not a["error"]:
-            assert float(a["score"]) == b["score"] == c["score"]
+            assert float(a["top1_score"]) == b["top1_score"] == c["top1_score"]
     assert not (tmp_path / "p.parquet.partial.jsonl").exists()
 
 
@@ -98,7 +98,9 @@ def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
 def test_csv_json_lines_and_parquet_have_the_same_columns_and_types(onnx_file, corpus, tmp_path, topk):
     pq = pytest.importorskip("pyarrow.parquet")
     root, expected = corpus
-    want = ["path", "label", "score", "error"] + [f"top{k}_{f}" for k in range(2, topk + 1) for f in ("label", "score")]
+    first = "top1_" if topk > 1 else ""  # --topk K > 1: one set of ranked columns, the top class in place
+    want = ["path", first + "label", first + "score", "error"] + [f"top{k}_{f}" for k in range(2, topk + 1)
+                                                                  for f in ("label", "score")]
     for suffix in (".csv", ".jsonl", ".parquet"):
         predict(onnx_file, root, tmp_path / f"p{suffix}", topk=topk)
     csv_header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")

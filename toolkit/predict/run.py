@@ -197,7 +197,8 @@ def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, to
         return (row["path"] for row in table.read_rows(rows_path, topk))
 
     chosen = set(spread_sample(paths(), grid_count)(paths()))
-    rows = [row for i, row in enumerate(table.read_rows(rows_path, topk)) if i in chosen]
+    rows = [dict(zip(("label", "score"), table.top_class(row)), path=row["path"], error=row["error"])
+            for i, row in enumerate(table.read_rows(rows_path, topk)) if i in chosen]
     classes = OnnxClassifier(model, threads=1, fallback=fallback).meta.class_names  # as predicting read them
     predictions_grid(root, rows, grid, classes, total=total)
 

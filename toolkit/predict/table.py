@@ -1,8 +1,9 @@
 """The prediction table: its columns and their types (defined once, here), the one function that
 builds its rows, and the writers: CSV or JSON Lines row by row, resumable after a crash, and Parquet.
 
-Columns: path, label, score, error, then top2_label, top2_score, ... topK_* with --topk K.
-label and score are the top class and its probability (top1); string columns hold "" when empty
+Columns: path, label, score, error; with --topk K > 1 the ranked classes are one set of columns,
+path, top1_label, top1_score, error, top2_label, top2_score, ... topK_score (the top class keeps its
+place, and its name says it is the first of K). String columns hold "" when empty
 (label of an error row, error of an ok row) and float columns hold null (CSV: an empty field).
 Every writer and reader takes the columns and types from `columns()`, so a new column is one edit.
 
@@ -52,7 +53,8 @@ class Column:
 
 def columns(topk: int) -> list[Column]:
     """The columns, in order, of a table with `topk` classes per row."""
-    cols = [Column("path", str), Column("label", str), Column("score", float), Column("error", str)]
+    first = "top1_" if topk > 1 else ""
+    cols = [Column("path", str), Column(first + "label", str), Column(first + "score", float), Column("error", str)]
     for k in range(2, topk + 1):
         cols += [Column(f"top{k}_label", str), Column(f"top{k}_score", float)]
     return cols
@@ -69,11 +71,16 @@ def rows_for(paths: list[str], errors: list[str], probs: np.ndarray, classes: li
         row["path"], row["error"] = path, error
         if not error:
             for k, c in enumerate(best[j], 1):
-                prefix = f"top{k}_" if k > 1 else ""
+                prefix = f"top{k}_" if topk > 1 else ""
                 row[prefix + "label"], row[prefix + "score"] = classes[c], round(float(probs[j, c]), SCORE_DECIMALS)
             j += 1
         rows.append(row)
     return rows
+
+
+def top_class(row: dict) -> tuple[str, float | None]:
+    """(label, score) of a row's top class, whichever the table's top-k: label/score or top1_label/top1_score."""
+    return (row["label"], row["score"]) if "label" in row else (row["top1_label"], row["top1_score"])
 
 
 def arrow_schema(topk: int):
@@ -206,7 +213,7 @@ def read_rows(path: Path, topk: int | None = None) -> Iterator[dict]:
     cols = columns(topk) if topk else None
     for row, _ in _records(path, fmt):
         names = row.get("__header__", list(row))
-        cols = cols or columns(sum(1 for n in names if n.endswith("_label")) + 1)
+        cols = cols or columns(max(1, sum(1 for n in names if n.endswith("_label"))))
         if "__header__" not in row:
             yield _typed(row, cols)
 
@@ -250,7 +257,7 @@ class Tally:
         if row["error"]:
             self.errors[row["error"].split(" (")[0]] += 1
         else:
-            self.labels[row["label"]] += 1
+            self.labels[top_class(row)[0]] += 1
 
     def summary(self, output: Path) -> dict:
         return {"ok": sum(self.labels.values()), "failed": sum(self.errors.values()), "output": str(output),
