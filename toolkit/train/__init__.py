@@ -6,7 +6,11 @@ without torch.
 
 
 def __getattr__(name: str):
-    if name in ("train", "evaluate", "NonFiniteLoss"):
+    if name == "evaluate":
+        import toolkit.train.validate as validate
+
+        return validate.evaluate
+    if name in ("train", "NonFiniteLoss"):
         import toolkit.train.loop as loop
 
         return getattr(loop, name)

@@ -18,7 +18,7 @@ import toolkit.train.report as report
 from toolkit import UserError
 from toolkit.config import load_config
 from toolkit.core.checkpoint import newest_state, weights_file
-from toolkit.train.loop import evaluate
+from toolkit.train.validate import evaluate
 from toolkit.train.weights import build_model
 
 log = logging.getLogger(__name__)
