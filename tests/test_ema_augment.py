@@ -48,6 +48,10 @@ def test_new_ops_keep_the_draws_of_the_existing_ones():
     more = aug.for_epoch(2, 40).params
     assert torch.equal(plain[0], more[0]) and torch.equal(plain[1], more[1])
     assert Augment([RandomCrop(2)], 3).for_epoch(2, 40).params[0].max() <= 4
+    from toolkit import UserError
+
+    with pytest.raises(UserError, match="data.scale_jitter' must be at least 0 and below 1"):
+        load_config(None, ["data.scale_jitter=1.5"])  # a zoom of 1 - 1.5 would mirror the image
 
 
 def test_ema_is_evaluated_and_released_when_better(tmp_path, shapes_dir):

@@ -254,6 +254,7 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be positive; got {value}")
     for key, value, top in (("train.label_smoothing", cfg.train.label_smoothing, 1.0),
                             ("train.ema_decay", cfg.train.ema_decay, 1.0),
+                            ("data.scale_jitter", cfg.data.scale_jitter, 1.0),
                             ("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 1.0001),
                             ("train.stop_at_accuracy", cfg.train.stop_at_accuracy, 1.0001)):
         if not 0.0 <= value < top:
