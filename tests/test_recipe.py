@@ -67,7 +67,8 @@ def test_flips_stay_on_for_mirror_symmetric_classes(tmp_path):
     assert asym.flip_asymmetry > recipe.FLIP_ASYMMETRY  # the same test would have caught it
 
 
-def test_large_images_are_resized_down_to_a_modest_size(tmp_path):
+def test_large_images_are_resized_down_to_a_modest_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "cached_backbone", lambda: None)  # whatever this machine's cache holds
     root = _folder(tmp_path / "photos", ["box", "bar"], side=300, per_class=4, layout="", height=200)
     summary = recipe.scan_folder(root)
     assert summary.short_side == 200 and summary.train_dir == root and summary.layout.val is None
@@ -118,3 +119,24 @@ def test_drop_last_leaves_out_a_small_tail_and_the_recipe_uses_it(tmp_path):
     assert plan.num_batches == 14 and all(len(b) == 64 for b in plan.batches(0))
     assert len(TrainPlan(898, 64, 1, 0, 0).batches(0)[-1]) == 2  # without it: a batch of 2 for BatchNorm
     assert recipe.recipe_for(_folder(tmp_path / "g", ["L", "J"], side=12)).data.drop_last is True
+
+
+def test_photos_use_a_pretrained_backbone_found_in_the_local_cache(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert recipe.cached_backbone() is None  # nothing cached yet
+    (repo / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(b"weights")
+    assert recipe.cached_backbone() == ("resnet18.a1_in1k", 224)
+    photos = _folder(tmp_path / "photos", ["box", "bar"], side=300, per_class=4, layout="", height=200)
+    cfg, why = recipe.choose(recipe.scan_folder(photos), Config(), gpu=False)
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.data.image_size) == ("timm/resnet18.a1_in1k", True, 224)
+    assert cfg.model.freeze_epochs == 1 and cfg.optim.backbone_lr_scale == 0.1 and cfg.train.epochs >= 2
+    assert any("pretrained backbone found in the local Hugging Face cache" in line for line in why)
+    small = _folder(tmp_path / "small", ["L", "J"], side=12)
+    assert recipe.choose(recipe.scan_folder(small), Config(), gpu=False)[0].model.pretrained is False
