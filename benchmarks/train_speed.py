@@ -13,10 +13,12 @@
     python benchmarks/train_speed.py --data my_folder     # a folder with train/ and val/
     python benchmarks/train_speed.py --easy               # 40,000 + 2,000 jittered digit PNGs (see below)
 
---easy: an easy set where the tutorial's single epoch at batch 4 (10,000 small steps) already reaches
-about 99.9%: scikit-learn's 1,797 handwritten digits, each drawn many times at 24x24 inside a 32x32
-canvas at a random offset with pixel noise. The toolkit runs one epoch (batch 32, a short warm-up, a
-cosine decay to zero over that epoch) and must reach the tutorial's accuracy minus half a point.
+--easy: an easy set for the tutorial's single epoch at batch 4 (10,000 small steps): scikit-learn's
+1,797 handwritten digits, each drawn many times at 24x24 inside a 32x32 canvas at a random offset (0-8
+px) with pixel noise (sd 8). The toolkit runs one epoch of the same network (batch 16, a 2% warm-up, a
+cosine decay to zero over that epoch) against the tutorial's accuracy minus half a point. Measured on
+the shared machine: the tutorial reaches 98.40% (not the 99.9% aimed at: the jitter is too strong), the
+toolkit 95.25% in its one epoch (tutorial_net_bn at batch 32, lr 0.05: 96.75%): not there yet.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def main() -> None:
     data = args.data
     if args.easy:
         data = data or write_easy_digits(work / "easy_digits")
-        time_to_accuracy(data, work, 32, ["train.epochs=1", "optim.warmup_epochs=0.05", "optim.lr=0.05"])
+        time_to_accuracy(data, work, 16, ["train.epochs=1", "optim.warmup_epochs=0.02", "optim.lr=0.02"])
         print(f"\n(work files in {work})")
         return
     if data is None:
