@@ -76,3 +76,48 @@ def test_location_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("TOOLKIT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.cache_root(load_config(None).data) == tmp_path / "xdg" / "toolkit"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "marker", "pickle", "shape"])
+def test_a_damaged_entry_is_decoded_again_not_an_error_forever(tmp_path, files, counted, damage):
+    x1, _ = cache.decode_cached(files, _cfg(tmp_path))
+    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+    npy = entry / "images.npy"
+    if damage == "truncate":  # a crash or a full disk cut the file: EOFError / mmap errors before
+        npy.write_bytes(npy.read_bytes()[:60])
+    elif damage == "marker":
+        (entry / "done").write_text("{torn")
+    elif damage == "pickle":  # an object array: loading it would unpickle
+        np.save(npy, np.array([{"a": 1}] * 5, dtype=object), allow_pickle=True)
+    else:  # same size, other shape
+        np.save(npy, np.zeros((5, 3, 4, 16), np.uint8))
+    for _ in range(2):
+        x, ok = cache.decode_cached(files, _cfg(tmp_path))
+        assert np.array_equal(x, x1) and ok.all()
+    assert counted == [5, 5]  # decoded again once, then served from the rebuilt entry
+
+
+def test_undecodable_file_names_are_cached(tmp_path, counted):
+    folder = tmp_path / os.fsdecode(b"imgs-\xff")
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        p = folder / os.fsdecode(b"caf\xe9-%d.png" % i)  # Latin-1 bytes: not UTF-8
+        Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(p)
+        paths.append(str(p))
+    x1, _ = cache.decode_cached(paths, _cfg(tmp_path))
+    x2, _ = cache.decode_cached(paths, _cfg(tmp_path))
+    assert counted == [3] and np.array_equal(x1, x2)
+
+
+def test_temporary_entries_of_dead_processes_are_removed(tmp_path, files):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    root = tmp_path / "c"
+    (root / f".abc.tmp-{dead.stdout.strip()}").mkdir(parents=True)
+    (root / f".abd.tmp-{os.getppid()}").mkdir()  # a live process: its entry is still being written
+    cache.decode_cached(files, _cfg(tmp_path))
+    names = sorted(p.name for p in root.iterdir())
+    assert f".abc.tmp-{dead.stdout.strip()}" not in names and f".abd.tmp-{os.getppid()}" in names

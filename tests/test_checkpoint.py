@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -110,19 +111,136 @@ def test_resume_from_a_damaged_state_names_the_file(tiny_run, tmp_path):
         train(cfg)
 
 
+UNSAFE_CALLS = {"eval", "exec", "compile", "__import__", "pickle.load", "pickle.loads", "pickle.Unpickler",
+                "marshal.load", "marshal.loads", "shelve.open", "yaml.unsafe_load", "yaml.full_load", "dill.load",
+                "dill.loads", "joblib.load", "torch.jit.load", "torch.hub.load", "torch.package.PackageImporter",
+                "CIFAR10", "CIFAR100"}  # the last two: torchvision's datasets unpickle whatever the files name
+
+
 def test_no_unsafe_deserialisation_in_the_package():
-    """No eval/exec/pickle, and every torch.load passes weights_only=True."""
+    """No eval/exec/unpickling anywhere in the package (every subpackage); torch.load only with weights_only=True,
+    np.load only with allow_pickle=False, yaml.load only with a safe loader; an Unpickler subclass must restrict
+    find_class."""
     import ast
 
-    for path in (Path(__file__).parents[1] / "toolkit").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+    files = sorted((Path(__file__).parents[1] / "toolkit").rglob("*.py"))
+    assert len(files) > 30  # the subpackages are walked, not only the top level
+    for path in files:
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(path.parents[2])
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any("Unpickler" in ast.unparse(b) for b in node.bases):
+                assert any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body), \
+                    f"{where}: {node.name} unpickles without restricting find_class"
+                continue
             if not isinstance(node, ast.Call):
                 continue
             name = ast.unparse(node.func)
-            assert name not in ("eval", "exec", "pickle.load", "pickle.loads"), f"{path.name}: {name}"
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            assert name not in UNSAFE_CALLS and name.rsplit(".", 1)[-1] not in ("CIFAR10", "CIFAR100"), \
+                f"{where}: {name}"
             if name == "torch.load":
-                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                assert kw.get("weights_only") == "True", f"{path.name}: torch.load without weights_only=True"
+                assert kw.get("weights_only") == "True", f"{where}: torch.load without weights_only=True"
+            if name in ("np.load", "numpy.load"):
+                assert kw.get("allow_pickle") == "False", f"{where}: np.load without allow_pickle=False"
+            if name == "yaml.load":
+                assert "Safe" in kw.get("Loader", ""), f"{where}: yaml.load without a safe loader"
+
+
+class _Payload:
+    """Unpickling this runs `touch MARKER`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def unpickled_globals():
+    """Every global any pickle.Unpickler resolves while the test runs (the 'pickle.find_class' audit event),
+    whoever calls it: toolkit or a library it hands a user file to."""
+    import sys
+
+    seen = []
+    if not hasattr(sys, "_toolkit_test_audit"):
+        sys._toolkit_test_audit = []
+        sys.addaudithook(lambda event, args: sys._toolkit_test_audit[-1].append(args)
+                         if event == "pickle.find_class" and sys._toolkit_test_audit else None)
+    sys._toolkit_test_audit.append(seen)
+    yield seen
+    sys._toolkit_test_audit.pop()
+
+
+def _hostile_cifar(tmp_path, marker):
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar")
+    with open(tmp_path / "cifar" / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": _Payload(marker)}, f)
+    cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path / 'cifar'}", "data.download=false"])
+    from toolkit.train import data
+
+    data.load_dataset(cfg.data, 0)
+
+
+def _hostile_state(tmp_path, marker):
+    path = _state(tmp_path, 3)
+    with open(path / "optimizer.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    state.load_state(path)
+
+
+def _hostile_cache_entry(tmp_path, marker):
+    import numpy as np
+    from PIL import Image
+
+    from toolkit.train import cache
+
+    files = []
+    for i in range(2):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8)).save(files[-1])
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'c'}", "data.image_size=8"]).data
+    cache.decode_cached(files, cfg, workers=1)  # in this process: worker IPC would unpickle our own objects
+    entry = tmp_path / "c" / cache.fingerprint(files, cfg)
+    np.save(entry / "ok.npy", np.array([_Payload(marker)] * 2, dtype=object), allow_pickle=True)
+    record = json.loads((entry / "done").read_text())  # a marker that agrees, so the file itself is loaded
+    record["arrays"]["ok.npy"]["bytes"] = (entry / "ok.npy").stat().st_size
+    (entry / "done").write_text(json.dumps(record))
+    cache.decode_cached(files, cfg, workers=1)
+
+
+def _hostile_config(tmp_path, marker):
+    (tmp_path / "c.yaml").write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    load_config(tmp_path / "c.yaml")
+
+
+def _hostile_weights_header(tmp_path, marker):
+    import struct
+
+    from toolkit.core.meta import read_meta
+
+    header = json.dumps({"__metadata__": {"toolkit_meta": "!!python/object/apply:os.system ['touch x']"}}).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    read_meta(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("door", [_hostile_cifar, _hostile_state, _hostile_cache_entry, _hostile_config,
+                                  _hostile_weights_header])
+def test_no_door_runs_code_from_a_user_file(door, tmp_path, unpickled_globals):
+    """A file naming code, handed to each reader the toolkit has: refused or ignored, never run, and no
+    unpickler anywhere (toolkit's or a library's) resolves a global outside the CIFAR reader's list."""
+    from toolkit.train.datasets.cifar import ALLOWED
+
+    marker = tmp_path / "ran"
+    try:
+        door(tmp_path, marker)
+    except UserError:
+        pass
+    assert not marker.exists()
+    assert {tuple(g) for g in unpickled_globals} <= ALLOWED, unpickled_globals
 
 
 def test_read_meta_without_loading_weights(tiny_run, tmp_path):

@@ -1,4 +1,6 @@
+import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -60,33 +62,99 @@ def test_corrupt_training_images_are_skipped_not_fatal(tmp_path):
     assert len(ds.train) + len(ds.val) == 10
 
 
-def _write_cifar(root, per_batch=4, test=5):
-    """A few images in the real CIFAR-10 python format (pickled dicts, 3072-byte rows, CHW planes)."""
+def py2_pickle(obj) -> bytes:
+    """What Python 2's cPickle (protocol 2) wrote for the published CIFAR files: bytes keys and strings,
+    ints, lists, dicts and 2-D uint8 arrays through numpy.core.multiarray._reconstruct."""
+    out = bytearray(b"\x80\x02")
+
+    def string(b):
+        out.extend(b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b)
+
+    def integer(v):
+        out.extend(b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v))
+
+    def write(o):
+        if isinstance(o, dict):
+            out.extend(b"}(")
+            for k, v in o.items():
+                write(k)
+                write(v)
+            out.extend(b"u")
+        elif isinstance(o, list):
+            out.extend(b"](")
+            for v in o:
+                write(v)
+            out.extend(b"e")
+        elif isinstance(o, bytes):
+            string(o)
+        elif isinstance(o, int):
+            integer(o)
+        else:  # a (rows, cols) uint8 array: _reconstruct(ndarray, (0,), 'b') then its state
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")
+            integer(0)
+            out.extend(b"\x85")
+            string(b"b")
+            out.extend(b"\x87R(")
+            integer(1)
+            integer(o.shape[0])
+            integer(o.shape[1])
+            out.extend(b"\x86cnumpy\ndtype\n")
+            string(b"u1")
+            integer(0)
+            integer(1)
+            out.extend(b"\x87R(")
+            integer(3)
+            string(b"|")
+            out.extend(b"NNN")
+            integer(-1)
+            integer(-1)
+            integer(0)
+            out.extend(b"tb\x89")
+            string(o.tobytes())
+            out.extend(b"tb")
+
+    write(obj)
+    return bytes(out + b".")
+
+
+def _write_cifar(root, per_batch=4, test=5, keys="bytes"):
+    """A few images in the CIFAR-10 python format (pickled dicts, 3072-byte rows, CHW planes): keys="bytes" as
+    the published files (Python 2 pickles); "str" re-packed with Python 3 (protocol 2); "bytes-py3" re-packed
+    with Python 3 after reading with the site's recipe, pickle.load(f, encoding='bytes') (protocol 4)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     expected = {}
 
+    def dump(name, d):
+        if keys.startswith("bytes"):
+            d = {k.encode(): [v.encode() if isinstance(v, str) else v for v in val] if isinstance(val, list)
+                 else val.encode() if isinstance(val, str) else val for k, val in d.items()}
+        if keys == "bytes":
+            (folder / name).write_bytes(py2_pickle(d))
+        else:
+            with open(folder / name, "wb") as f:
+                pickle.dump(d, f, protocol=2 if keys == "str" else 4)
+
     def batch(name, n, offset):
         imgs = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
         labels = [(offset + i) % 10 for i in range(n)]
         rows = imgs.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": rows,
-                         "filenames": [f"{name}_{i}.png" for i in range(n)]}, f, protocol=2)
+        dump(name, {"batch_label": name, "labels": labels, "data": rows,
+                    "filenames": [f"{name}_{i}.png" for i in range(n)]})
         expected[name] = (imgs, labels)
 
     for i in range(1, 6):
         batch(f"data_batch_{i}", per_batch, i)
     batch("test_batch", test, 0)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+    dump("batches.meta", {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072})
     return expected, names
 
 
-def test_cifar10_real_format(tmp_path):
-    expected, names = _write_cifar(tmp_path)
+@pytest.mark.parametrize("keys", ["bytes", "str", "bytes-py3"])
+def test_cifar10_real_format(tmp_path, keys):
+    expected, names = _write_cifar(tmp_path, keys=keys)
     cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}", "data.download=false"])
     ds = data.load_dataset(cfg.data, seed=0)
     assert ds.classes == names
@@ -101,6 +169,39 @@ def test_cifar10_real_format(tmp_path):
     resized = data.load_dataset(load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}",
                                                    "data.download=false", "data.image_size=40"]).data, 0)
     assert resized.train.images.shape == (20, 3, 40, 40)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "data_batch_3", "test_batch"])
+def test_a_cifar_file_that_names_code_is_refused_without_running_it(tmp_path, victim):
+    _write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    for protocol in (0, 2, 5):  # GLOBAL and STACK_GLOBAL spellings
+        with open(tmp_path / "cifar-10-batches-py" / victim, "wb") as f:
+            pickle.dump({"label_names": _Payload(marker), "data": _Payload(marker)}, f, protocol=protocol)
+        cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}", "data.download=false"])
+        with pytest.raises(UserError, match=f"{victim}' is refused: it names '(posix|os).system'"):
+            data.load_dataset(cfg.data, seed=0)
+        assert not marker.exists()
+
+
+def test_a_cifar_file_with_the_wrong_contents_is_named(tmp_path):
+    _write_cifar(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, f)
+    cfg = load_config(None, ["data.kind=cifar10", f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(UserError, match="data_batch_2' has no uint8 'data' array"):
+        data.load_dataset(cfg.data, seed=0)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02}q")  # torn
+    with pytest.raises(UserError, match="data_batch_2' is refused"):
+        data.load_dataset(cfg.data, seed=0)
 
 
 def test_cifar10_missing_without_download(tmp_path):

@@ -5,7 +5,9 @@ each file's size and modification time, the image size, the resize policy and th
 cap. A changed, added or removed file changes the key, so a stale cache is never served.
 Location: data.cache_dir, else $TOOLKIT_CACHE_DIR, else ~/.cache/toolkit (XDG_CACHE_HOME
 respected). Entries are written to a temporary folder and renamed, so a crash never
-leaves a half-written entry that looks complete.
+leaves a half-written entry that looks complete. The marker records the shape and byte size
+of each array; an entry that does not match its marker, or does not load, is decoded again.
+Arrays are loaded with allow_pickle=False: a cache entry is data, never code.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from toolkit.config import DataConfig
 from toolkit.core import images
+from toolkit.core.lock import remove_stale_temps
 from toolkit.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,12 @@ def fingerprint(files: list[str], cfg: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels]).encode())
     for f in files:
+        name = os.fsencode(os.path.abspath(f))  # file names need not be UTF-8: hash their bytes
         try:
             st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{os.path.abspath(f)}\0missing\n".encode())
+            h.update(name + b"\0missing\n")
     return h.hexdigest()[:24]
 
 
@@ -67,22 +71,52 @@ def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tup
     return out, ok
 
 
+def _load_entry(entry: Path, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """A cache entry's arrays, checked against its marker and the expected shape; ValueError if they differ."""
+    marker = json.loads((entry / "done").read_text())
+    arrays = marker.get("arrays") if isinstance(marker, dict) else None
+    if not isinstance(arrays, dict):
+        raise ValueError("its marker records no array sizes")
+    expected = {"images.npy": (list(shape), "uint8"), "ok.npy": ([shape[0]], "bool")}
+    loaded = []
+    for name, (want_shape, want_dtype) in expected.items():
+        info = arrays.get(name) or {}
+        size = (entry / name).stat().st_size
+        if info.get("bytes") != size or info.get("shape") != want_shape or info.get("dtype") != want_dtype:
+            raise ValueError(f"{name} is {size} bytes, its marker says {info.get('bytes')}")
+        a = np.load(entry / name, mmap_mode="r" if name == "images.npy" else None, allow_pickle=False)
+        if list(a.shape) != want_shape or str(a.dtype) != want_dtype:
+            raise ValueError(f"{name} holds {a.dtype} {a.shape}, expected {want_dtype} {tuple(want_shape)}")
+        loaded.append(a)
+    return loaded[0], loaded[1]
+
+
 def decode_cached(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`decode`, served from the on-disk cache when the fingerprint matches."""
     key = fingerprint(files, cfg)
     entry = cache_root(cfg) / key
     if (entry / "done").exists():
-        log.info("decoded images from cache %s (%d files)", entry, len(files))
-        return np.load(entry / "images.npy", mmap_mode="r"), np.load(entry / "ok.npy")
+        try:
+            x, ok = _load_entry(entry, (len(files), 3, cfg.image_size, cfg.image_size))
+            log.info("decoded images from cache %s (%d files)", entry, len(files))
+            return x, ok
+        except (OSError, ValueError, EOFError) as e:  # EOFError: a truncated .npy header
+            log.warning("decode cache entry %s is damaged (%s); decoding again", entry, str(e)[:120])
+            shutil.rmtree(entry, ignore_errors=True)
     start = time.perf_counter()
     x, ok = decode(files, cfg, workers)
     log.info("decoded %d images in %.1f s; caching in %s", len(files), time.perf_counter() - start, entry)
-    tmp = entry.with_name(f"{key}.tmp-{os.getpid()}")
+    remove_stale_temps(entry.parent)
+    tmp = entry.with_name(f".{key}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         np.save(tmp / "images.npy", x)
         np.save(tmp / "ok.npy", ok)
-        (tmp / "done").write_text(json.dumps({"files": len(files), "created": time.time()}))
+        marker = {"files": len(files), "created": time.time(),
+                  "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype),
+                                    "bytes": (tmp / name).stat().st_size}
+                             for name, a in (("images.npy", x), ("ok.npy", ok))}}
+        (tmp / "done").write_text(json.dumps(marker))
         if not (entry / "done").exists():  # else another process finished the same entry first
             shutil.rmtree(entry, ignore_errors=True)  # a leftover without its marker is not trusted
             os.replace(tmp, entry)
