@@ -99,3 +99,66 @@ def test_every_repository_config_loads():
 def test_out_of_range_values_are_refused(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "'seed' must be a whole number from 0 to 4294967295"),
+    ("seed=100000000000000000000", "'seed' must be a whole number from 0"),
+    ("data.image_size=1000000", "'data.image_size' must be at most 4,096"),
+    ("data.batch_size=10000000", "'data.batch_size' must be at most"),
+    ("train.epochs=1000000000", "'train.epochs' must be at most"),
+    ("optim.lr=.inf", "'optim.lr' must be a finite number"),
+    ("optim.lr=1e400", "'optim.lr' must be a finite number"),
+    ("data.std=nan,1,1", "'data.std[0]' must be a finite number"),
+    ("data.mean=0.5,-.inf,0.5", "'data.mean[1]' must be a finite number"),
+    ("train.collective_timeout=0", "'train.collective_timeout' must be positive"),
+    ("name=..", "'name' must be a plain folder name"),
+    ("name=.", "'name' must be a plain folder name"),
+    ("name=a/b", "'name' must be a plain folder name"),
+    ("name=a\\b", "'name' must be a plain folder name"),
+    ("data.mean=" + ",".join(["1"] * 10_000), "'data.mean' must be a short list"),
+])
+def test_numbers_sizes_and_names_are_checked_where_they_enter(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[")) as e:
+        load_config(None, [override])
+    assert len(str(e.value)) < 200  # a short prefix of the value at most
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, "9" * 5000])
+def test_error_messages_show_only_a_short_prefix_of_a_value(value):
+    for override in (f"data.kind={value}", f"seed={value}", f"{value}=1"):
+        with pytest.raises(UserError) as e:
+            load_config(None, [override])
+        assert len(str(e.value)) < 300
+
+
+def test_a_yaml_alias_bomb_is_refused_fast(tmp_path):
+    import time
+
+    lines = ["name: ok", "data:", "  root: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(9):  # 9^10 strings once expanded, from a few hundred bytes
+        a, b = chr(ord("a") + i), chr(ord("a") + i + 1)
+        lines.append(f"x{i}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 600
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="YAML aliases .* are not supported") as e:
+        load_config(path)
+    assert time.perf_counter() - start < 1.0 and len(str(e.value)) < 200
+    with pytest.raises(UserError, match="not supported"):
+        load_config(None, ["data.root=&x [*x]"])
+    tagged = tmp_path / "code.yaml"
+    tagged.write_text("name: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_config(tagged)
+
+
+def test_run_name_never_leaves_the_output_folder(tmp_path):
+    from toolkit.train import resolve_run_dir
+
+    for name in ("..", "../x", "/abs"):
+        with pytest.raises(UserError, match="plain folder name"):
+            load_config(None, [f"name={name}", f"train.out_dir={tmp_path}", "train.resume=auto"])
+    cfg = load_config(None, ["name=..hidden..", f"train.out_dir={tmp_path}", "train.resume=auto"])
+    assert resolve_run_dir(cfg).parent == tmp_path  # dots inside a name are fine

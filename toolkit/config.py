@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from toolkit import UserError
-from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
+from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, MAX_PIXELS, short
 
 
 @dataclass
@@ -94,6 +95,7 @@ class TrainConfig:
     progress: bool = True  # progress bar on the main process (plain lines when not a terminal)
     ema_decay: float = 0.0  # EMA of the weights, per optimizer step (e.g. 0.99); evaluated each epoch, released when better; 0 = off
     budget_minutes: float = 5.0  # `toolkit train DIR`: the recipe sizes model and epochs to about this (CPU or GPU)
+    collective_timeout: float = 600.0  # seconds a process waits for the others in a collective before the job ends
 
 
 @dataclass
@@ -111,7 +113,8 @@ class Config:
     def hash(self) -> str:
         """Hash of everything that decides what is trained (not where it is written)."""
         d = self.to_dict()
-        for key in ("out_dir", "resume", "progress", "log_with", "checkpoint_every", "keep_states"):
+        for key in ("out_dir", "resume", "progress", "log_with", "checkpoint_every", "keep_states",
+                    "collective_timeout"):
             d["train"].pop(key)
         for key in ("cache", "cache_dir", "memory_limit_gb", "num_workers", "download"):
             d["data"].pop(key)  # where and how data is read, not what is trained
@@ -151,13 +154,32 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
+class SafeNoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader without aliases (*name): a few hundred bytes of nested aliases expand to
+    gigabytes (a "billion laughs"), and no config needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python values, as yaml.safe_load but refusing aliases."""
+    try:
+        return yaml.load(text, Loader=SafeNoAliasLoader)
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise yaml.YAMLError(str(e).splitlines()[0][:100]) from None
+
+
 def _unknown_key(key: str) -> UserError:
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     if not close:  # a typo in the section part still deserves a suggestion
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
     hint = f"; did you mean '{close[0]}'?" if close else "; run `toolkit train --help` for the keys"
-    return UserError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key {short(key)}{hint}")
 
 
 def _coerce(key: str, value, t):
@@ -172,9 +194,11 @@ def _coerce(key: str, value, t):
     if origin is list:
         (item_t,) = typing.get_args(t)
         if isinstance(value, str):  # `data.mean=0.5,0.5,0.5` on the command line
-            value = [yaml.safe_load(v) for v in value.split(",")]
+            value = [parse_yaml(v) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+            raise UserError(f"config key '{key}' must be a list, got {short(value)}")
+        if len(value) > 16:
+            raise UserError(f"config key '{key}' must be a short list, got {len(value)} values")
         return [_coerce(f"{key}[{i}]", v, item_t) for i, v in enumerate(value)]
     if t is bool:
         if isinstance(value, bool):
@@ -183,19 +207,27 @@ def _coerce(key: str, value, t):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif t is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value) if abs(value) < 1e300 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"config key '{key}' must be a finite number, got {short(value)}")
+            return number
     elif t is str:
         if value is None:
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if "\0" in str(value) or len(str(value)) > 4096:
+                raise UserError(f"config key '{key}' must be a text of at most 4096 characters without NUL, "
+                                f"got {short(value)}")
             return str(value)
-    raise UserError(f"config key '{key}' must be {t.__name__}, got {value!r}")
+    raise UserError(f"config key '{key}' must be {t.__name__}, got {short(value)}")
 
 
 def _apply(obj, updates: dict, prefix: str = "") -> None:
@@ -211,7 +243,7 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
         t = hints[name]
         if dataclasses.is_dataclass(t):
             if not isinstance(value, dict):
-                raise UserError(f"config section '{key}' must be a mapping of keys, got {value!r}")
+                raise UserError(f"config section '{key}' must be a mapping of keys, got {short(value)}")
             _apply(getattr(obj, name), value, key + ".")
         else:
             setattr(obj, name, _coerce(key, value, t))
@@ -222,7 +254,8 @@ def _validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise UserError(f"config key '{key}' must be one of {', '.join(a for a in allowed if a)}; got '{value}'")
+            raise UserError(f"config key '{key}' must be one of {', '.join(a for a in allowed if a)}; "
+                            f"got {short(value)}")
     positive = {
         "data.image_size": cfg.data.image_size,
         "data.batch_size": cfg.data.batch_size,
@@ -235,7 +268,7 @@ def _validate(cfg: Config) -> None:
     }
     for key, value in positive.items():
         if value <= 0:
-            raise UserError(f"config key '{key}' must be positive; got {value}")
+            raise UserError(f"config key '{key}' must be positive; got {short(value)}")
     at_least_zero = {
         "data.crop_padding": cfg.data.crop_padding, "optim.momentum": cfg.optim.momentum,
         "data.rotate_degrees": cfg.data.rotate_degrees, "data.scale_jitter": cfg.data.scale_jitter,
@@ -247,32 +280,42 @@ def _validate(cfg: Config) -> None:
     }
     for key, value in at_least_zero.items():
         if value < 0:
-            raise UserError(f"config key '{key}' must be 0 or more; got {value}")
+            raise UserError(f"config key '{key}' must be 0 or more; got {short(value)}")
     for key, value in (("data.memory_limit_gb", cfg.data.memory_limit_gb), ("data.max_image_pixels",
                        cfg.data.max_image_pixels), ("train.max_nonfinite", cfg.train.max_nonfinite)):
         if value <= 0:
-            raise UserError(f"config key '{key}' must be positive; got {value}")
+            raise UserError(f"config key '{key}' must be positive; got {short(value)}")
     for key, value, top in (("train.label_smoothing", cfg.train.label_smoothing, 1.0),
                             ("train.ema_decay", cfg.train.ema_decay, 1.0),
                             ("data.scale_jitter", cfg.data.scale_jitter, 1.0),
                             ("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 1.0001),
                             ("train.stop_at_accuracy", cfg.train.stop_at_accuracy, 1.0001)):
         if not 0.0 <= value < top:
-            raise UserError(f"config key '{key}' must be at least 0 and below {min(top, 1.0):g}; got {value}")
+            raise UserError(f"config key '{key}' must be at least 0 and below {min(top, 1.0):g}; got {short(value)}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise UserError(f"config key 'optim.betas' needs two values in [0, 1), e.g. 0.9,0.999; got {cfg.optim.betas}")
+        raise UserError("config key 'optim.betas' needs two values in [0, 1), e.g. 0.9,0.999; "
+                        f"got {short(cfg.optim.betas)}")
     if cfg.data.num_workers < -1:
-        raise UserError(f"config key 'data.num_workers' must be -1 (one per core) or more; got {cfg.data.num_workers}")
+        raise UserError("config key 'data.num_workers' must be -1 (one per core) or more; "
+                        f"got {short(cfg.data.num_workers)}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise UserError(f"config key 'data.val_fraction' must be between 0 and 1; got {cfg.data.val_fraction}")
+        raise UserError(f"config key 'data.val_fraction' must be between 0 and 1; got {short(cfg.data.val_fraction)}")
     for key in ("data.mean", "data.std"):
         value = getattr(cfg.data, key.split(".")[1])
         if len(value) != 3:
-            raise UserError(f"config key '{key}' needs 3 values (R, G, B); got {value}")
+            raise UserError(f"config key '{key}' needs 3 values (R, G, B); got {short(value)}")
     if min(cfg.data.std) <= 0:
-        raise UserError(f"config key 'data.std' must be positive; got {cfg.data.std}")
-    if not cfg.name or "/" in cfg.name:
-        raise UserError(f"config key 'name' must be a non-empty name without '/'; got '{cfg.name}'")
+        raise UserError(f"config key 'data.std' must be positive; got {short(cfg.data.std)}")
+    for key, value, top in BOUNDS:  # sizes that would otherwise allocate or loop without bound
+        value = value(cfg)
+        if value > top:
+            raise UserError(f"config key '{key}' must be at most {top:,}; got {short(value)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"config key 'seed' must be a whole number from 0 to {2**32 - 1}; got {short(cfg.seed)}")
+    if cfg.train.collective_timeout <= 0:
+        raise UserError(f"config key 'train.collective_timeout' must be positive; got {cfg.train.collective_timeout}")
+    if cfg.name in ("", ".", "..") or any(c in cfg.name for c in "/\\\0") or len(cfg.name) > 200:
+        raise UserError(f"config key 'name' must be a plain folder name (no '/', not '..'); got {short(cfg.name)}")
     if cfg.data.batch_size < 2:  # BatchNorm in train mode needs more than one value per channel
         raise UserError(f"config key 'data.batch_size' must be at least 2 (a training batch of one image breaks "
                         f"BatchNorm); got {cfg.data.batch_size}")
@@ -283,6 +326,25 @@ def _validate(cfg: Config) -> None:
         cfg.train.eval_tta = False  # the resolved config written to the run says what ran
 
 
+BOUNDS = (  # (key, how to read it, largest value allowed)
+    ("data.image_size", lambda c: c.data.image_size, MAX_IMAGE_SIZE),
+    ("data.batch_size", lambda c: c.data.batch_size, 65_536),
+    ("data.crop_padding", lambda c: c.data.crop_padding, MAX_IMAGE_SIZE),
+    ("data.num_workers", lambda c: c.data.num_workers, 1024),
+    ("data.max_image_pixels", lambda c: c.data.max_image_pixels, 2**40),
+    ("data.memory_limit_gb", lambda c: c.data.memory_limit_gb, 1e6),
+    ("data.train_per_class", lambda c: c.data.train_per_class, 10**7),
+    ("data.val_per_class", lambda c: c.data.val_per_class, 10**7),
+    ("train.epochs", lambda c: c.train.epochs, 10**6),
+    ("train.grad_accum", lambda c: c.train.grad_accum, 65_536),
+    ("train.eval_every", lambda c: c.train.eval_every, 10**6),
+    ("train.keep_states", lambda c: c.train.keep_states, 1000),
+    ("train.checkpoint_every", lambda c: c.train.checkpoint_every, 2**40),
+    ("train.max_nonfinite", lambda c: c.train.max_nonfinite, 2**40),
+    ("train.collective_timeout", lambda c: c.train.collective_timeout, 7 * 86_400.0),
+)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """['optim.lr=0.1', 'train.epochs=3'] -> {'optim': {'lr': 0.1}, 'train': {'epochs': 3}}."""
     nested: dict = {}
@@ -290,7 +352,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise UserError(f"override '{pair}' must look like key=value, e.g. train.epochs=5")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"override {short(pair)} is not valid YAML: {str(e).splitlines()[0][:100]}") from None
         *sections, leaf = key.strip().split(".")
         node = nested
         for s in sections:
@@ -316,15 +381,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise UserError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"config file '{path}' is not valid YAML: {_yaml_reason(e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file '{path}' cannot be read ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of keys")
         _apply(cfg, data)
     _apply(cfg, parse_overrides(list(overrides)))
     _validate(cfg)
     return cfg
+
+
+def _yaml_reason(e: Exception) -> str:
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return (problem or str(e).splitlines()[0])[:100] + where
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

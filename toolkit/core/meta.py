@@ -11,12 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from toolkit import UserError, __version__
+from toolkit.core.images import RESIZE_POLICIES
 
 SCHEMA_VERSION = 1
 META_KEY = "toolkit_meta"
+MAX_IMAGE_SIZE = 4096  # pixels per side; bounds what a model file (or a config) can make us allocate
+MAX_CLASSES = 100_000
+INPUT_DTYPES = ("float32", "uint8")
+
+
+def short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: error messages never echo a huge (or hostile) value."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 # The input contract's defaults, written once: config, decoding, export and predict take them from here.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # per channel, on the [0, 1] scale
@@ -70,7 +88,55 @@ class Meta:
                    if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise UserError(f"{source} has a metadata record without {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        meta = cls(**{k: v for k, v in data.items() if k in names})
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str = "the model file") -> None:
+        """Check every field's type and range; a file is data from anywhere, so nothing in it is trusted."""
+        def bad(name: str, need: str):
+            raise UserError(f"{source} has metadata field '{name}' = {short(getattr(self, name))}; it must be {need}")
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("arch", "resize", "layout", "input_dtype", "input_name", "output_name", "config_hash",
+                     "toolkit_version"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > 1000:
+                bad(name, "a short text")
+        names = self.class_names
+        if (not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES
+                or not all(isinstance(c, str) and len(c) <= 1000 for c in names)):
+            bad("class_names", f"a list of 1 to {MAX_CLASSES} names")
+        if len(set(names)) != len(names):
+            bad("class_names", "a list of distinct names")
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or not (
+                1 <= self.image_size <= MAX_IMAGE_SIZE):
+            bad("image_size", f"a whole number of pixels from 1 to {MAX_IMAGE_SIZE}")
+        if self.resize not in RESIZE_POLICIES:
+            bad("resize", " or ".join(RESIZE_POLICIES))
+        if self.input_dtype not in INPUT_DTYPES:
+            bad("input_dtype", " or ".join(INPUT_DTYPES))
+        if self.channels != 3 or self.layout != "NCHW":
+            bad("channels" if self.channels != 3 else "layout", "3 channels in NCHW layout")
+        if not isinstance(self.mean, list) or len(self.mean) != 3 or not all(number(v) for v in self.mean):
+            bad("mean", "three finite numbers")
+        if not isinstance(self.std, list) or len(self.std) != 3 or not all(number(v) and v > 0 for v in self.std):
+            bad("std", "three finite positive numbers")
+        if not isinstance(self.normalize_in_graph, bool):
+            bad("normalize_in_graph", "true or false")
+        bg = self.alpha_background
+        if not isinstance(bg, list) or len(bg) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in bg):
+            bad("alpha_background", "three whole numbers 0..255")
+        for name in ("metrics", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                bad(name, "a mapping")
+
+    def check_outputs(self, outputs, source: str = "the model file") -> None:
+        """The graph's class axis (an int, or None when dynamic) must match the class names."""
+        if isinstance(outputs, int) and outputs != self.num_classes:
+            raise UserError(f"{source} names {self.num_classes} classes in its metadata but its graph has {outputs} "
+                            "outputs; re-export the model")
 
 
 def read_meta(path) -> Meta:
@@ -103,4 +169,16 @@ def read_meta(path) -> Meta:
             raise UserError(f"'{path}' is not a readable safetensors file") from None
     if META_KEY not in props:
         raise UserError(f"'{path}' has no toolkit metadata")
-    return Meta.from_json(props[META_KEY], f"'{path}'")
+    meta = Meta.from_json(props[META_KEY], f"'{path}'")
+    if path.suffix.lower() == ".onnx":
+        meta.check_outputs(_output_dim(path), f"'{path}'")
+    return meta
+
+
+def _output_dim(path) -> int | None:
+    """The last axis of an ONNX graph's first output, when fixed."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.output[0].type.tensor_type.shape.dim if graph.output else []
+    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None

@@ -26,6 +26,8 @@ from torch import nn
 import toolkit.export.card as card
 import toolkit.export.variants as variants
 from toolkit import UserError, __version__
+from toolkit.core.files import temp_path
+from toolkit.core.lock import Lock, lock_path, remove_stale_temps
 from toolkit.core.meta import META_KEY, Meta
 from toolkit.export.check_data import CheckData, check_data
 from toolkit.train.data import Normalize
@@ -53,17 +55,28 @@ def to_onnx(module: nn.Module, meta: Meta, path: Path, input_dtype: str = "float
     example = torch.zeros(2, 3, meta.image_size, meta.image_size, dtype=dtype)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        try:
+        try:  # tracing only: writing the file is outside, so a disk error never looks like a tracing failure
             program = torch.onnx.export(
                 module, (example,), None, dynamo=True, verbose=False, input_names=[meta.input_name], opset_version=opset,
                 output_names=[meta.output_name], dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
-            program.save(str(path), external_data=False)
         except Exception as e:  # some third-party models only trace with the TorchScript exporter
+            if _caused_by_os_error(e):
+                raise
             log.warning("dynamo export failed (%s); using the TorchScript exporter", str(e).splitlines()[0][:200])
             torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[meta.input_name],
                               output_names=[meta.output_name], opset_version=opset or 17,
                               dynamic_axes={meta.input_name: {0: "batch"}, meta.output_name: {0: "batch"}})
+            return
+        program.save(str(path), external_data=False)
+
+
+def _caused_by_os_error(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def flat_metadata(meta: Meta) -> dict[str, str]:
@@ -108,6 +121,10 @@ def parity(module: nn.Module, sess, pixels: np.ndarray, input_dtype: str) -> dic
         got = sess.run(None, {sess.get_inputs()[0].name: x[:b]})[0]
         if got.shape != ref.shape:
             raise ExportMismatch(f"ONNX output shape {got.shape} != torch {ref.shape} at batch {b}; nothing was written")
+        for name, logits in (("torch", ref), ("the ONNX model", got)):  # max() would step over a NaN
+            if not np.isfinite(logits).all():
+                raise ExportMismatch(f"{name} gives NaN or Inf logits on real images at batch {b} (damaged weights "
+                                     "or a zero std?); nothing was written")
         worst = max(worst, float(np.abs(got - ref).max()))
         scale = max(scale, float(np.abs(ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
@@ -144,14 +161,40 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
         raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}; got {opset}")
     model, meta = build_model(checkpoint)
     out = Path(output) if output else default_output(checkpoint, variant)
+    _check_output(out)
+    with Lock(lock_path(out), f"output '{out}'"):  # one writer per output, for the whole export
+        for name in (out.name, out.with_suffix(".json").name):  # what an export killed here left behind
+            remove_stale_temps(out.parent, prefix=f".{name}.")
+        existing = [p for p in [out, out.with_suffix(".json"), *card.sidecars(out)] if p.exists()]
+        if existing and not overwrite:
+            raise UserError(f"'{existing[0]}' already exists; --overwrite replaces it (and the files beside it), "
+                            "or choose another -o")
+        command = card.export_command(checkpoint, out, data_dir, input_dtype, variant, min_agreement, opset,
+                                      model_version)
+        try:
+            return _export(checkpoint, out, model, meta, data_dir, input_dtype, variant, min_agreement, opset,
+                           model_version, command)
+        except OSError as e:  # a full disk, a folder that became unwritable: one line, and no other exporter
+            raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output that cannot work before any work is done; create its folder."""
+    if out.is_dir():
+        raise UserError(f"output '{out}' is a folder; give a file name such as '{out / 'model.onnx'}'")
     if out.suffix.lower() != ".onnx":
-        raise UserError(f"output '{out}' must end in .onnx")
-    existing = [p for p in [out, out.with_suffix(".json"), *card.sidecars(out)] if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"'{existing[0]}' already exists; --overwrite replaces it (and the files beside it), "
-                        "or choose another -o")
-    command = card.export_command(checkpoint, out, data_dir, input_dtype, variant, min_agreement, opset, model_version)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"output '{out}' must end in .onnx (its report is written beside it as .json)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{out.parent}' ({e.strerror or e})") from None
+    for p in [out.with_suffix(".json"), *card.sidecars(out)]:
+        if p.is_dir():
+            raise UserError(f"'{p}' is a folder; the export writes a file there")
+
+
+def _export(checkpoint, out: Path, model: nn.Module, meta: Meta, data_dir, input_dtype: str, variant: str,
+            min_agreement: float, opset: int | None, model_version: int, command: str) -> Path:
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
     from toolkit.core.progress import progress_bar
@@ -162,6 +205,7 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
     bar.update()
     tmp32 = out.with_name(f".{out.name}.fp32-{os.getpid()}.onnx")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.onnx")
+    report_tmp = temp_path(out.with_suffix(".json"))
     try:
         to_onnx(module, meta, tmp32, input_dtype, opset)
         bar.update()
@@ -191,6 +235,9 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
                 variants.to_int8(tmp32, tmp, data.calibration, input_dtype)
                 candidate = variants.session(tmp)
             final_logits = variants.logits(candidate, data.val, input_dtype)
+            if not np.isfinite(final_logits).all():
+                raise ExportMismatch(f"the {variant} model gives NaN or Inf logits on real images (an activation "
+                                     f"beyond the {variant} range?); nothing was written")
             drift = _drift(fp32, candidate, fp32_logits, final_logits, data.val, input_dtype)
             provider = candidate.get_providers()[0]
             verified["provider"] = provider
@@ -213,16 +260,27 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
         meta.extra.update(variant=variant, parity={k: check[k] for k in ("max_logit_diff", "top1_agreement")},
                           exporter=f"torch {torch.__version__}")
         opset = embed_meta(tmp, meta, model_version)
+        report = _report(tmp, out, meta, opset, check, drift, data, torch_logits, final_logits, input_dtype,
+                         checkpoint)
+        # the model and the files describing it must never disagree, whenever a crash comes: the new report is
+        # complete before the old files go; between the renames the new model stands with fewer files beside it
+        report_path = out.with_suffix(".json")
+        with open(report_tmp, "w") as f:
+            f.write(json.dumps(report, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        for old in [report_path, *card.sidecars(out)]:
+            old.unlink(missing_ok=True)
         os.replace(tmp, out)
+        os.replace(report_tmp, report_path)
     finally:
-        tmp32.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    report = _report(out, meta, opset, check, drift, data, torch_logits, final_logits, input_dtype, checkpoint)
-    sidecars = card.write_sidecars(out, meta, json.loads(report.read_text()), command, weights_path(checkpoint))
+        for t in (tmp32, tmp, report_tmp):
+            t.unlink(missing_ok=True)
+    sidecars = card.write_sidecars(out, meta, report, command, weights_path(checkpoint))
     bar.update()
     bar.close()
     log.info("wrote %s (%.1f KB, %s) and %s", out, out.stat().st_size / 1024, variant,
-             ", ".join(str(p) for p in [report, *sidecars]))
+             ", ".join(str(p) for p in [report_path, *sidecars]))
     return out
 
 
@@ -241,8 +299,9 @@ def _drift(fp32, candidate, fp32_logits: np.ndarray, got: np.ndarray, pixels: np
             "per_batch": per_batch, "max_logit_diff": float(np.abs(fp32_logits - got).max()) if len(got) else 0.0}
 
 
-def _report(out: Path, meta: Meta, opset: int, check: dict, drift: dict, data: CheckData, torch_logits: np.ndarray,
-            onnx_logits: np.ndarray, input_dtype: str, checkpoint) -> Path:
+def _report(model: Path, out: Path, meta: Meta, opset: int, check: dict, drift: dict, data: CheckData,
+            torch_logits: np.ndarray, onnx_logits: np.ndarray, input_dtype: str, checkpoint) -> dict:
+    """The export report of the file `model`, which will be renamed to `out`."""
     import onnx
     import onnxruntime as ort
 
@@ -264,12 +323,10 @@ def _report(out: Path, meta: Meta, opset: int, check: dict, drift: dict, data: C
         "variant_vs_fp32": drift or None,
         "validation": {"images": len(data.val), "source": data.source, "torch_accuracy": accuracy(torch_logits),
                        "onnx_accuracy": accuracy(onnx_logits)},
-        "file": {"bytes": out.stat().st_size, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()},
-        "latency_ms_per_image": {f"batch_{b}": round(variants.latency(out, meta.image_size, input_dtype, b), 4)
+        "file": {"bytes": model.stat().st_size, "sha256": hashlib.sha256(model.read_bytes()).hexdigest()},
+        "latency_ms_per_image": {f"batch_{b}": round(variants.latency(model, meta.image_size, input_dtype, b), 4)
                                  for b in (1, 64)},
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "metrics_at_save": meta.metrics,
     }
-    path = out.with_suffix(".json")
-    path.write_text(json.dumps(report, indent=1))
-    return path
+    return report

@@ -118,10 +118,12 @@ def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std
     if isinstance(outputs_n, int) and outputs_n != len(classes):
         raise UserError(f"--classes names {len(classes)} classes but the model has {outputs_n} outputs")
     dtype = "uint8" if session.get_inputs()[0].type == "tensor(uint8)" else "float32"
-    return Meta(arch="external", class_names=list(classes), image_size=int(size), resize=resize,
+    meta = Meta(arch="external", class_names=list(classes), image_size=int(size), resize=resize,
                 mean=list(mean or [0.0] * 3), std=list(std or [1.0] * 3), input_dtype=dtype,
                 normalize_in_graph=mean is None and std is None, input_name=session.get_inputs()[0].name,
                 output_name=session.get_outputs()[0].name)
+    meta.validate("the model as described by --classes/--size/--mean/--std")
+    return meta
 
 
 def providers(device: str, device_id: int = 0) -> list:
@@ -176,6 +178,8 @@ class OnnxClassifier:
         props = self.session.get_modelmeta().custom_metadata_map
         if META_KEY in props:
             self.meta = Meta.from_json(props[META_KEY], f"'{path}'")
+            outputs = self.session.get_outputs()[0].shape
+            self.meta.check_outputs(outputs[-1] if outputs else None, f"'{path}'")
         else:
             self.meta = foreign_meta(self.session, **(fallback or {"classes": None, "size": None, "mean": None,
                                                                   "std": None, "resize": "center_crop"}))
