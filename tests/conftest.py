@@ -18,10 +18,10 @@ def _isolated_cache(tmp_path_factory):
     os.environ["TOOLKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
-def run_toolkit(*args, check: bool = True, env: dict | None = None, timeout: float = 300, cwd=None):
+def run_toolkit(*args, check: bool = True, env: dict | None = None, timeout: float = 300, cwd=None, preexec_fn=None):
     """Run `python -m toolkit ARGS` in a fresh process; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"toolkit {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -137,3 +137,34 @@ def corpus(shapes_dir, tmp_path):
                 "bad/random.webp": "not an image", "bad/bomb.png": "too many pixels",
                 "bad/dangling.png": "missing or dangling link", "bad/folder.jpg": "is a folder"}
     return root, expected
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nobody may write into, root included: a read-only tmpfs when this process may mount one
+    (root ignores permission bits), else a folder without write permission."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("running as root without permission to mount a read-only file system")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def small_disk(limit_bytes: int):
+    """preexec_fn for subprocess: files cannot grow past `limit_bytes` (RLIMIT_FSIZE), so writes fail as on a
+    full disk (EFBIG instead of ENOSPC), for any user and any writer (Python, C++ or Rust)."""
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply

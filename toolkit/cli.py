@@ -164,7 +164,7 @@ def cmd_predict(args) -> None:
 def cmd_preview(args) -> None:
     from toolkit.core.pictures import preview
 
-    counts = preview(args.data_dir, args.output, per_class=args.per_class)
+    counts = preview(args.data_dir, args.output, per_class=args.per_class, overwrite=args.overwrite)
     width = max(len(c) for c in counts)
     for name, n in counts.items():
         print(f"{name:<{width}}  {n:>7,}", file=sys.stderr)
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--topk", type=int, default=1, help="write the k best classes: label,score (the best) then top2_label,top2_score ... topK_*")
     r.add_argument("--resume", action="store_true", help="continue an interrupted output (same model and folder)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output (and --grid file)")
     r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="cuda is an error when unavailable; auto uses CUDA when present")
     r.add_argument("--workers", type=int, default=0, help="decode processes (default: the cores of this process); "
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("data_dir", help="folder of class subfolders (or with train/ and val/ inside)")
     v.add_argument("-o", "--output", default="preview.png", help="PNG file to write (default preview.png)")
     v.add_argument("--per-class", type=int, default=8, help="images shown per class")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     n = add("inspect", cmd_inspect, "an image as numbers: its pixels and the tensor a model sees",
             "toolkit inspect data/shapes/train/star/star_00000.png --model runs/quickstart")
@@ -376,3 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # the reader went away (`toolkit evaluate ... | head -1`): stop quietly, like head's writer
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's exit flush cannot fail again
         sys.exit(141)
+    except OSError as e:  # the last net under the stages' own messages: a file system error is one line too
+        if args.debug:
+            raise
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)

@@ -214,16 +214,11 @@ def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels
 def _worker_start(initializer, initargs: tuple) -> None:
     """In each worker: exit when the parent dies (even by SIGKILL), leave Ctrl-C to the parent."""
     import signal
-    import sys
+
+    from toolkit.core.process import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    die_with_parent(signal.SIGTERM)
     if initializer is not None:
         initializer(*initargs)
 

@@ -91,6 +91,43 @@ def grid(tiles: list[tuple[np.ndarray | None, str, str, tuple]], columns: int, t
     return canvas
 
 
+def save_png(image: Image.Image, out: str | Path, overwrite: bool = False) -> None:
+    """Write `image` as a PNG at `out` atomically; an existing file is replaced only with `overwrite`
+    (a user's photo is never clobbered, even by a file that appears while this one is drawn)."""
+    import os
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"'{out}' is a folder; give a .png file name")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            _link_new(tmp, out)
+    except FileExistsError:
+        raise UserError(f"'{out}' already exists; choose a new file name or pass --overwrite") from None
+    except OSError as e:
+        raise UserError(f"cannot write '{out}' ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, out: Path) -> None:
+    """Give `tmp`'s contents the name `out` unless `out` exists (FileExistsError): no check-then-write race."""
+    import errno
+    import os
+
+    try:
+        os.link(tmp, out)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        with open(out, "xb") as f:  # a file system without hard links: exclusive create, then copy
+            f.write(tmp.read_bytes())
+
+
 def show(path: Path, max_side: int = 160) -> np.ndarray | None:
     """An image file for display: EXIF-upright RGB, at most max_side pixels; None if unreadable."""
     try:
@@ -101,14 +138,17 @@ def show(path: Path, max_side: int = 160) -> np.ndarray | None:
     return np.asarray(img)
 
 
-def preview(data_dir: str | Path, out: str | Path, per_class: int = 8) -> dict[str, int]:
+def preview(data_dir: str | Path, out: str | Path, per_class: int = 8, overwrite: bool = False) -> dict[str, int]:
     """A grid of `per_class` images of each class of a labelled folder; returns the class counts.
 
-    A folder with train/ (and val/) shows train/ and counts both.
+    A folder with train/ (and val/) shows train/ and counts both. An existing `out` is replaced
+    only with `overwrite`.
     """
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"folder '{root}' does not exist")
+    if Path(out).exists() and not overwrite:  # checked before the work; save_png checks again when writing
+        raise UserError(f"'{out}' already exists; choose a new file name or pass --overwrite")
     layout = folders.find_layout(root)
     shown = layout.train
     found = images.find_labelled(shown, folders.SPLIT_NAMES if shown == root else ())
@@ -129,7 +169,7 @@ def preview(data_dir: str | Path, out: str | Path, per_class: int = 8) -> dict[s
         tiles += row + [(None, "", "", GREY)] * (per_class - len(row))
         row_labels.append(f"{c} ({labels.tolist().count(i)})")
     title = f"{folder_title(shown)}: {len(paths)} images, {len(classes)} classes (caption: file name)"
-    grid(tiles, per_class, title, row_labels).save(out)
+    save_png(grid(tiles, per_class, title, row_labels), out, overwrite)
     return counts
 
 
@@ -181,8 +221,8 @@ def prediction_tile(root: Path, row: dict, classes: set[str]) -> tuple:
 
 
 def predictions_grid(root: Path, rows: list[dict], out: str | Path, classes: list[str] = (), total: int = 0,
-                     columns: int = 8) -> None:
-    """The given prediction rows as a grid: each image with its label and score, or its error.
+                     columns: int = 8, overwrite: bool = False) -> None:
+    """The given prediction rows as a grid: each image with its label and score, or its error (see save_png).
 
     `classes`: the model's class names; images in a folder named after a class get a caption coloured by
     agreement with it (the title says so). `total`: the rows of the whole output, for the title.
@@ -192,7 +232,7 @@ def predictions_grid(root: Path, rows: list[dict], out: str | Path, classes: lis
     title = f"{len(rows)} of {total or len(rows)} predictions in {folder_title(root)}, spread over the folder"
     if any(Path(row["path"]).parent.name in known for row in rows):
         title += "\ncaption: green = its folder's class, red = another class (folder below)"
-    grid(tiles, min(columns, max(1, len(tiles))), title).save(out)
+    save_png(grid(tiles, min(columns, max(1, len(tiles))), title), out, overwrite)
 
 
 def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray,

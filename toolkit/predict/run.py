@@ -10,6 +10,7 @@ the main process merges the parts into the single-process order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,6 +25,7 @@ import toolkit.predict.parts as parts
 import toolkit.predict.table as table
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.lock import Lock, lock_path, remove_stale_temps
 from toolkit.predict.runtime import OnnxClassifier, resolve_outputs, validate_model
 from toolkit.predict.storage import Location, is_url, sha256_file, staging_dir
 
@@ -115,6 +117,10 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1 or source.url):
         raise UserError(f"--grid needs a .png file, --grid-count at least 1 and a local input; got '{grid}', "
                         f"{grid_count}, '{source}'")
+    if grid and Path(grid).exists() and not overwrite:  # never replace a user's file (a photo, an earlier grid)
+        raise UserError(f"--grid '{grid}' already exists; choose a new file or pass --overwrite")
+    if out.is_dir():
+        raise UserError(f"output '{out}' is a folder; give a file name such as '{out / 'predictions.csv'}'")
     fmt = table.format_of(out)
     rank, world, local_rank, local_world = _process()
     if url_out and world > 1:
@@ -142,7 +148,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
     if url_out:  # written here, then uploaded whole with its record
         remote = url_out.sibling(".run.json").read_json()
-        if resume and remote and remote.get("complete"):
+        if resume and remote and remote.get("complete") and url_out.exists():
             parts.check_same_run(remote, run)
             return remote["summary"]
         if (remote or url_out.exists()) and not (resume or overwrite):
@@ -150,46 +156,80 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     sidecar = out.with_name(out.name + ".run.json")
     final_rows = table.staging_path(out)  # the merged rows (Parquet: staged JSON Lines)
     target = final_rows if world == 1 else parts.part_path(out, fmt, rank, world)
-    try:
-        record = parts.read_record(sidecar)
-        if resume and record and record.get("complete"):
-            parts.check_same_run(record, run)
+    with contextlib.ExitStack() as held:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if rank == 0:  # one writer per output: a second run to the same output stops here
+                held.enter_context(Lock(lock_path(out), f"output '{url_out or out}'"))
+                remove_stale_temps(out.parent, prefix=f".{out.name}.")
+            if world > 1:
+                held.enter_context(Lock(lock_path(target), f"output part '{target}'"))
+            return _write(source, out, url_out, fmt, run, sidecar, final_rows, target, skipped, resume, overwrite,
+                          grid, grid_count, model, fallback, (rank, world, local_rank, local_world),
+                          (workers, threads, device, batch_size, max_pixels))
+        except OSError as e:  # the output side: a folder that cannot be written, a full disk
+            raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
+
+
+def _write(source: Location, out: Path, url_out, fmt: str, run: dict, sidecar: Path, final_rows: Path, target: Path,
+           skipped: Counter, resume: bool, overwrite: bool, grid, grid_count: int, model, fallback,
+           process: tuple, how: tuple) -> dict:
+    """predict() once this process holds its output: resume, replace or refuse what is there, answer, merge."""
+    rank, world, local_rank, local_world = process
+    workers, threads, device, batch_size, max_pixels = how
+    record = parts.read_record(sidecar)
+    if resume and record and record.get("complete"):
+        parts.check_same_run(record, run)
+        if _intact(out, record):
             log.info("%s is already complete", out)
             return record["summary"]
-        parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tally, topk = _answer_files(source, target, run, rank, world, local_rank, local_world, resume, workers,
-                                        threads, device, batch_size, max_pixels, fallback,
-                                        sidecar if rank == 0 and not record else None, skipped)
-        except BaseException:
-            if not record and not _has_rows(target):  # nothing answered: leave no output and no run record behind
-                target.unlink(missing_ok=True)
-                if rank == 0:
-                    sidecar.unlink(missing_ok=True)
-            raise
-        if world > 1:
-            parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
-            if rank != 0:
-                return tally.summary(target)
-            tally = parts.merge(out, final_rows, fmt, world, run, sum(1 for _ in source.iter_images()), topk)
-        if grid:
-            _draw_grid(Path(str(source)), final_rows, topk, grid, grid_count, tally.rows, model, fallback)
-        if fmt == "parquet":
-            table.to_parquet(final_rows, out, topk)
-        summary = {**tally.summary(url_out or out), "skipped": dict(skipped.most_common())}
-        parts.write_json(sidecar, {**run, "complete": True, "summary": summary})
-        if url_out:
-            url_out.upload(out)
-            url_out.sibling(".run.json").upload(sidecar)
-            out.unlink()
-            sidecar.unlink()
-    except OSError as e:  # the output side: a folder that cannot be written, a full disk
-        raise UserError(f"cannot write '{e.filename or out}' ({e.strerror or e})") from None
+        log.warning("%s was completed but is gone; predicting again", out)
+        if rank == 0:
+            sidecar.unlink(missing_ok=True)
+        record = None
+    parts.prepare(out, sidecar, target, rank, resume, overwrite, record, run)
+    try:
+        tally, topk = _answer_files(source, target, run, rank, world, local_rank, local_world, resume, workers,
+                                    threads, device, batch_size, max_pixels, fallback,
+                                    sidecar if rank == 0 and not record else None, skipped)
+    except BaseException:
+        if not record and not _has_rows(target):  # nothing answered: leave no output and no run record behind
+            target.unlink(missing_ok=True)
+            if rank == 0:
+                sidecar.unlink(missing_ok=True)
+        raise
+    if world > 1:
+        parts.write_json(parts.marker_path(target), {"run_id": run["run_id"], "rows": tally.rows})
+        if rank != 0:
+            return tally.summary(target)
+        tally = parts.merge(out, final_rows, fmt, world, run, sum(1 for _ in source.iter_images()), topk)
+    if grid:
+        _draw_grid(Path(str(source)), final_rows, topk, grid, grid_count, tally.rows, model, fallback, overwrite)
+    if fmt == "parquet":
+        table.to_parquet(final_rows, out, topk)
+    summary = {**tally.summary(url_out or out), "skipped": dict(skipped.most_common())}
+    parts.write_json(sidecar, {**run, "complete": True, "summary": summary, "output_bytes": out.stat().st_size})
+    if url_out:
+        url_out.upload(out)
+        url_out.sibling(".run.json").upload(sidecar)
+        out.unlink()
+        sidecar.unlink()
     return summary
 
 
-def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, total: int, model, fallback) -> None:
+def _intact(out: Path, record: dict) -> bool:
+    """Whether the output a complete run record describes is still there, as written; a changed one is refused."""
+    if not out.is_file():
+        return False
+    size = out.stat().st_size
+    if size != record.get("output_bytes", size):
+        raise UserError(f"'{out}' changed since its run completed ({size} bytes; the run record says "
+                        f"{record['output_bytes']}); use --overwrite or a new output")
+    return True
+
+
+def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, total: int, model, fallback,
+               overwrite: bool) -> None:
     """--grid: grid_count rows spread across the whole output (two streaming passes over the table)."""
     from toolkit.core.pictures import predictions_grid, spread_sample
 
@@ -200,7 +240,7 @@ def _draw_grid(root: Path, rows_path: Path, topk: int, grid, grid_count: int, to
     rows = [dict(zip(("label", "score"), table.top_class(row)), path=row["path"], error=row["error"])
             for i, row in enumerate(table.read_rows(rows_path, topk)) if i in chosen]
     classes = OnnxClassifier(model, threads=1, fallback=fallback).meta.class_names  # as predicting read them
-    predictions_grid(root, rows, grid, classes, total=total)
+    predictions_grid(root, rows, grid, classes, total=total, overwrite=overwrite)
 
 
 def _has_rows(path: Path) -> bool:

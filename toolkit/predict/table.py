@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,7 @@ def to_parquet(staged: Path, out: Path, topk: int, chunk: int = 50_000) -> None:
     import pyarrow.parquet as pq
 
     schema = arrow_schema(topk)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = pq.ParquetWriter(str(tmp), schema)
     try:
         rows = []

@@ -1,0 +1,38 @@
+"""Processes that must not outlive the process that started them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Receive `sig` when the parent process dies, however it dies (SIGKILL included).
+
+    Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG). Elsewhere: a daemon thread
+    that watches the parent pid once a second.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            _watch(parent, sig)
+    else:
+        _watch(parent, sig)
+    if os.getppid() != parent:  # the parent died while the signal was being armed
+        os.kill(os.getpid(), sig)
+
+
+def _watch(parent: int, sig: int) -> None:
+    def run():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=run, name="die-with-parent", daemon=True).start()
