@@ -46,7 +46,7 @@ def test_export_to_a_folder_or_under_a_file_fails_before_the_work(tiny_run, tmp_
     with pytest.raises(UserError, match="cannot create the output folder '.*afile'"):
         export(tiny_run, tmp_path / "afile" / "m.onnx")
     (tmp_path / "m.json").mkdir()
-    with pytest.raises(UserError, match="m.json' is a folder; the export report"):
+    with pytest.raises(UserError, match="m.json' is a folder; the export writes a file there"):
         export(tiny_run, tmp_path / "m.onnx")
     with pytest.raises(UserError, match="must end in .onnx"):
         export(tiny_run, tmp_path / "photo.jpg")
