@@ -318,3 +318,29 @@ def test_a_folder_the_workers_cannot_see_is_a_one_line_error(ray_address, onnx_f
     with pytest.raises(UserError, match=r"the output folder '.*p\.csv\.parts' is not on Ray node .*every node mounts"):
         predict(onnx_file, shapes_dir / "val", tmp_path / "p.csv", engine="ray")
     assert json.loads((tmp_path / "p.csv.run.json").read_text())["complete"] is False  # --resume continues it
+
+
+def test_a_deleted_output_is_predicted_again_and_a_busy_one_refused(ray_address, onnx_file, shapes_dir, tmp_path):
+    from toolkit.core.lock import Busy, Lock, lock_path
+
+    out = tmp_path / "p.csv"
+    first = predict(onnx_file, shapes_dir / "val", out, engine="ray", chunk_size=32)
+    out.unlink()  # the record still says complete: resume must deliver the file, not only the claim
+    again = predict(onnx_file, shapes_dir / "val", out, engine="ray", chunk_size=32, resume=True)
+    assert again["ok"] == first["ok"] == 100 and len(list(table.read_rows(out))) == 100
+    folder = tmp_path / "ds"
+    predict(onnx_file, shapes_dir / "val", folder, engine="ray", chunk_size=32)
+    (folder / dataset.part_name(1)).unlink()
+    predict(onnx_file, shapes_dir / "val", folder, engine="ray", chunk_size=32, resume=True)
+    assert len(_dataset_rows(folder)) == 100
+    code = "import sys, time; from toolkit.core.lock import Lock; Lock(sys.argv[1], 'x').acquire(); print(1, flush=True); time.sleep(600)"
+    owner = subprocess.Popen([sys.executable, "-c", code, str(lock_path(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        owner.stdout.readline()
+        with pytest.raises(Busy, match=f"is being written by process {owner.pid}"):
+            predict(onnx_file, shapes_dir / "val", out, engine="ray", chunk_size=32, overwrite=True)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert len(list(table.read_rows(out))) == 100
+    assert not Lock(lock_path(out), "x").acquire().release()  # nothing left holding it

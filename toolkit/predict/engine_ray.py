@@ -26,6 +26,7 @@ from pathlib import Path
 import toolkit.predict.dataset as dataset
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.lock import Lock, lock_path
 from toolkit.core.progress import progress_bar
 from toolkit.predict.ray_workers import ChunkPredictor, decode_chunks
 from toolkit.predict.parts import check_same_run
@@ -120,17 +121,25 @@ def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "
            "input_dir": source.canonical(), "topk": topk, "max_pixels": max_pixels, "fallback": fallback,
            "format": lay.merged or "dataset", "outputs": outputs, "chunk_size": chunk_size}
     run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
-    record = lay.record.read_json()
-    if resume and record and record.get("complete"):
-        check_same_run(record, run)
-        return record["summary"]
+    lock = None if lay.output.url else Lock(lock_path(Path(str(lay.output))), f"output '{lay.output}'")
     try:
+        if lock:  # one writer per local output (object stores have no locks: one job per URL is on the user)
+            Path(str(lay.output)).parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        record = lay.record.read_json()
+        if resume and record and record.get("complete"):
+            check_same_run(record, run)
+            if _delivered(lay, record):
+                return record["summary"]
+            log.warning("%s was completed but is gone, whole or in part; predicting what is missing", lay.output)
+            record = {**record, "complete": False}
         _prepare(lay, record, run, resume, overwrite)
         skipped: Counter = Counter()
         files = list(source.iter_images(skipped))  # the driver holds the listing: ~170 MB per million files
         if not files:
-            raise UserError(f"no image files under '{source}'" + (f" (skipped {formats.describe_skipped(skipped)}: "
-                                                                  "not an image format this decoder reads)" if skipped else ""))
+            raise UserError(f"no image files under '{source}'" + (
+                f" (skipped {formats.describe_skipped(skipped)}: not an image format this decoder reads)"
+                if skipped else ""))
         chunks = list(images.chunked(files, chunk_size))
         digest = dataset.listing_digest(files)
         if record and resume and record.get("listing_sha256") != digest:
@@ -159,7 +168,17 @@ def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "
             lay.parts.remove()
     except OSError as e:  # the output side: a folder that cannot be written, a full disk
         raise UserError(f"cannot write '{e.filename or lay.output}' ({e.strerror or e})") from None
+    finally:
+        if lock:
+            lock.release()
     return summary
+
+
+def _delivered(lay: dataset.Layout, record: dict) -> bool:
+    """Whether the output a complete run record describes is still there: the merged file, or every part."""
+    if lay.merged:
+        return lay.output.exists()
+    return len(dataset.done_chunks(lay.parts)) == record.get("chunks")
 
 
 def _prepare(lay: dataset.Layout, record: dict | None, run: dict, resume: bool, overwrite: bool) -> None:
