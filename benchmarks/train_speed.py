@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.core.metrics import read_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,7 @@ def toolkit_train(data: Path, out: Path, name: str, cache: Path, *overrides: str
            f"data.root={data}", f"train.out_dir={out}", f"name={name}", "train.progress=false", *overrides]
     seconds, proc = run(cmd, {"TOOLKIT_CACHE_DIR": str(cache)})
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir)
     decode_s = sum(float(s) for s in re.findall(r"decoded \d+ images in ([\d.]+) s", proc.stderr))
     return seconds, records, decode_s, proc.stderr
 

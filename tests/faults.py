@@ -1,6 +1,6 @@
 """`python tests/faults.py train CONFIG ...`: toolkit's command line with one fault injected.
 
-FAULT=kill|raise|term|nan   what happens
+FAULT=kill|raise|term|nan|stop   what happens
 FAULT_STEP=N                at optimizer step N (kill/raise/term) or micro-batch N (nan)
 FAULT_RANK=R                on process R only (default 0)
 
@@ -8,6 +8,7 @@ kill   SIGKILL the whole process group (launcher and every process) right before
 raise  an exception on one process
 term   SIGTERM to the launcher (or to this process when there is none), as SLURM or a scheduler would
 nan    one non-finite loss on one process
+stop   SIGSTOP one process (stuck: alive, silent, holding its sockets)
 """
 
 import os
@@ -33,6 +34,8 @@ def lr_at(step, *args):  # called once per optimizer step, after backward, befor
         elif KIND == "term":
             launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
             os.kill(launcher, signal.SIGTERM)
+        elif KIND == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
     return real_lr_at(step, *args)
 
 

@@ -118,3 +118,70 @@ def test_export_refuses_an_output_another_process_is_writing(tiny_run, tmp_path)
     export(tiny_run, out)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporaries, no lock left
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.json").is_file()
+
+
+# --- a training run owns its folder ---------------------------------------------------------
+
+
+def _train_args(data, out, *extra):
+    return ["data.kind=imagefolder", f"data.root={data}", "data.image_size=16", "data.batch_size=8",
+            "model.arch=tutorial_net", f"train.out_dir={out}", "name=exp", "train.epochs=1", "train.progress=false",
+            *extra]
+
+
+def test_a_run_folder_held_by_another_writer_is_never_shared(tmp_path):
+    from conftest import two_colours
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    out = tmp_path / "runs"
+    (out / "exp").mkdir(parents=True)
+    owner = hold_in_another_process(out / "exp" / ".lock")  # a live run writes runs/exp
+    try:
+        run = train(load_config(None, _train_args(data, out)))
+        assert run == out / "exp-2" and (run / "best.safetensors").is_file()  # a new run goes elsewhere
+        proc = run_toolkit("train", "configs/quickstart.yaml", *_train_args(data, out, "train.resume=auto"),
+                           check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert proc.returncode == 2 and f"run folder '{out / 'exp'}' is being written by process {owner.pid}" \
+            in proc.stderr, proc.stderr[-1500:]
+        assert sorted(os.listdir(out / "exp")) == [".lock"]  # nothing written into it
+    finally:
+        owner.kill()
+        owner.wait()
+    assert not (run / ".lock").exists()  # released at the end of the run
+
+
+def test_two_trainings_started_together_write_two_folders(tmp_path):
+    from conftest import two_colours
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    out = tmp_path / "runs"
+    root = os.path.dirname(os.path.dirname(__file__))
+    cmd = [sys.executable, "-m", "toolkit", "train", "configs/quickstart.yaml", *_train_args(data, out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    folders = sorted(o.strip().splitlines()[-1] for o, _ in outs)
+    assert folders == [str(out / "exp"), str(out / "exp-2")]
+    for f in folders:  # each folder holds one run's records, not two interleaved
+        assert [json.loads(line)["epoch"] for line in open(os.path.join(f, "metrics.jsonl"))] == [1]
+
+
+def test_a_resumed_run_removes_what_killed_writers_left(tmp_path):
+    from conftest import two_colours
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    out = tmp_path / "runs"
+    run = train(load_config(None, _train_args(data, out)))
+    gone = dead_pid()
+    leftovers = [run / f".last.safetensors.tmp-{gone}", run / "state" / f".tmp-step-000000002-{gone}",
+                 run / f".config.yaml.tmp-{gone}"]
+    for p in leftovers:
+        p.mkdir() if "step" in p.name else p.write_text("x")
+    train(load_config(None, _train_args(data, out, "train.epochs=2", "train.resume=auto")))
+    assert not any(p.exists() for p in leftovers)
+    assert not [n for n in os.listdir(run) if n.startswith(".")]

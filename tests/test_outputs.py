@@ -131,3 +131,57 @@ def test_a_file_appearing_while_the_grid_is_drawn_is_kept(shapes_dir, tmp_path, 
     with pytest.raises(UserError, match="already exists"):
         pictures.preview(shapes_dir, out, per_class=2)
     assert out.read_bytes() == b"user" and sorted(os.listdir(tmp_path)) == ["g.png"]
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+def _train_args(data, out, *extra):
+    return ["train", ROOT / "configs/quickstart.yaml", "data.kind=imagefolder", f"data.root={data}",
+            "data.image_size=16", "data.batch_size=8", "model.arch=tutorial_net", f"train.out_dir={out}", "name=r",
+            "train.epochs=1", "train.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from conftest import two_colours
+
+    return two_colours(tmp_path_factory.mktemp("d"), n=8, size=16)
+
+
+def test_train_into_a_read_only_folder_is_one_line_before_the_work(small_data, readonly_dir):
+    proc = run_toolkit(*_train_args(small_data, readonly_dir / "runs"), check=False)
+    one_line_error(proc, "cannot create the run folder", str(readonly_dir))
+    assert "decoded" not in proc.stderr  # refused before the data was read
+
+
+def test_train_with_a_file_where_the_run_folder_goes_is_one_line(small_data, tmp_path):
+    (tmp_path / "runs").write_text("a file")
+    one_line_error(run_toolkit(*_train_args(small_data, tmp_path / "runs"), check=False), "cannot create the run folder")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "r").write_text("a file named like the run")
+    one_line_error(run_toolkit(*_train_args(small_data, tmp_path / "out", "train.resume=auto"), check=False),
+                   "cannot create the run folder", "a file of that name is in the way")
+
+
+@pytest.mark.parametrize("victim", ["best.safetensors", "metrics.jsonl", "report", "state"])
+def test_train_with_a_folder_or_file_in_the_way_inside_the_run_is_one_line(small_data, tmp_path, victim):
+    run = tmp_path / "r"
+    run.mkdir()
+    if victim in ("report", "state"):  # a file where the run writes a folder
+        (run / victim).write_text("in the way")
+    else:  # a folder where the run writes a file
+        (run / victim).mkdir()
+        (run / victim / "x").write_text("keep me")
+    proc = run_toolkit(*_train_args(small_data, tmp_path, "train.resume=auto"), check=False)
+    one_line_error(proc, "cannot write", victim)
+    assert (run / victim).exists() and not (run / ".lock").exists()
+
+
+@pytest.mark.parametrize("limit", [3000, 40_000])
+def test_train_on_a_full_disk_is_one_line(small_data, tmp_path, limit):
+    """Files cannot grow past `limit` bytes: the weights (3000) or the resume state's optimizer file (40 KB) fail."""
+    proc = run_toolkit(*_train_args(small_data, tmp_path), check=False, preexec_fn=small_disk(limit))
+    line = one_line_error(proc, "cannot write", str(tmp_path / "r"))
+    assert ("safetensors" in line) if limit == 3000 else ("resume state" in line or "safetensors" in line)
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".")]  # no temporaries, no lock left

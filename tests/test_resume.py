@@ -226,3 +226,50 @@ def test_a_two_process_run_exports(reference, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["parity_vs_torch"]["top1_agreement"] == 1.0
     assert report["validation"]["torch_accuracy"] == report["validation"]["onnx_accuracy"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_die_with_their_launcher_and_a_restart_resumes(shapes_dir, tmp_path):
+    args = train_args(shapes_dir, tmp_path, "run", "train.epochs=40")
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"), "--num_processes", "2",
+           "-m", "toolkit", *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    launcher = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    run, deadline = tmp_path / "run", time.monotonic() + 180
+    while not list(run.glob("state/step-*/done.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2, "the two training processes did not start"
+    launcher.kill()  # the launcher alone, as an OOM killer or `kill -9` would
+    launcher.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "workers kept training without their launcher"
+    resumed = ok(launch(train_args(shapes_dir, tmp_path, "run", "train.epochs=3", "train.resume=auto"), 2))
+    assert "resumed from" in resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3
+
+
+def test_a_stuck_process_ends_the_job_within_the_collective_timeout(shapes_dir, tmp_path):
+    proc = launch(train_args(shapes_dir, tmp_path, "run", "train.collective_timeout=5"), 2,
+                  fault={"FAULT": "stop", "FAULT_STEP": 3, "FAULT_RANK": 1}, timeout=200)
+    assert proc.returncode != 0
+    assert proc.seconds < 120  # 5 s of silence, then the launcher tears the job down; not 30 minutes
+    assert "[rank 0] error: no answer from the other processes within train.collective_timeout=5 s" in proc.stderr, \
+        proc.stderr[-3000:]

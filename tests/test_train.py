@@ -312,3 +312,30 @@ def test_flip_tta_is_refused_when_a_flip_changes_the_class(caplog):
         cfg = load_config(None, ["train.eval_tta=true", "data.hflip=false"])
     assert cfg.train.eval_tta is False and "train.eval_tta is turned off" in caplog.text
     assert load_config(None, ["train.eval_tta=true"]).train.eval_tta is True
+
+
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_class_and_file_names_that_are_not_utf8_train_report_evaluate_and_export(tmp_path, cache):
+    import os
+    import shutil
+
+    from conftest import run_toolkit, two_colours
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    odd = os.fsdecode(b"caf\xe9")  # a Latin-1 folder name: not UTF-8
+    for split in ("train", "val"):
+        shutil.move(data / split / "red", data / split / odd)
+        first = sorted((data / split / odd).iterdir())[0]
+        first.rename(first.with_name(os.fsdecode(b"\xff\xfe.png")))
+    run = train(load_config(None, ["data.kind=imagefolder", f"data.root={data}", "data.image_size=16",
+                                   "data.batch_size=8", "model.arch=tutorial_net", f"train.out_dir={tmp_path}",
+                                   "train.epochs=1", "train.progress=false", f"data.cache={cache}"]))
+    _, meta = load_weights(run / "best.safetensors")
+    assert meta.class_names == ["blue", odd]
+    report = (run / "report" / "report.md").read_text()
+    assert "caf\\xe9" in report and (run / "report" / "confusion.png").is_file()
+    proc = run_toolkit("evaluate", run, data / "val", env={"PYTHONIOENCODING": "utf-8"})
+    assert "caf\\xe9" in proc.stdout
+    onnx_file = tmp_path / "m.onnx"
+    run_toolkit("export", run, "-o", onnx_file)
+    assert "caf\\xe9" in onnx_file.with_suffix(".README.md").read_text()

@@ -357,6 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("toolkit").setLevel(logging.INFO)
+    if "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        # started by a launcher (torchrun / accelerate launch): die with it, even when it is SIGKILLed, instead
+        # of training on as an orphan that a restart would race; the last resume state continues the run
+        import signal
+
+        from toolkit.core.process import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
     try:
         args.fn(args)
     except UserError as e:

@@ -86,8 +86,10 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
 
 def format_result(r: dict) -> str:
     """Accuracy line, per-class table and (up to 30 classes) the confusion matrix, as text."""
+    from toolkit.core.files import printable
     from toolkit.core.metrics import format_table, per_class_rows
 
+    r = {**r, "classes": [printable(c) for c in r["classes"]]}  # class folder names need not be UTF-8
     lines = [f"accuracy {100 * r['accuracy']:.2f}% ({r['correct']}/{r['n']} images"
              + (f", {r['failed']} unreadable)" if r["failed"] else ")"),
              format_table(per_class_rows(r["confusion"], r["classes"]))]

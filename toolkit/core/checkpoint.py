@@ -15,17 +15,43 @@ from toolkit import UserError
 
 BEST = "best.safetensors"
 STATE_DONE = "done.json"  # the marker of a complete resume state: <run>/state/step-N/done.json
+HISTORY = "history.jsonl"  # in the run dir: one line per start of training (branch id, the state it continues)
+
+
+def state_info(state: Path) -> dict:
+    """The bookkeeping (done.json) of one resume state; {} when unreadable."""
+    try:
+        data = json.loads((Path(state) / STATE_DONE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def current_state(run: Path) -> Path | None:
+    """The state a resume continues: the newest state of the training start recorded last in HISTORY, or
+    the state that start continued from when it saved none; the newest state of the folder when there is
+    no history (runs from before it was kept). Other branches' states (abandoned) are not continued."""
+    from toolkit.core.files import read_jsonl
+
+    state_dir = Path(run) / "state"
+    states = sorted(p for p in state_dir.glob("step-*") if (p / STATE_DONE).is_file()) if state_dir.is_dir() else []
+    if not states:
+        return None
+    branches = {p: state_info(p).get("branch") for p in states}
+    for start in reversed(read_jsonl(Path(run) / HISTORY)):
+        mine = [p for p in states if branches[p] == start.get("branch")]
+        if mine:
+            return mine[-1]
+        parent = start.get("parent")
+        if isinstance(parent, str) and "/" not in parent and (state_dir / parent / STATE_DONE).is_file():
+            return state_dir / parent
+    return states[-1]
 
 
 def newest_state(run: Path) -> dict | None:
-    """The bookkeeping (epoch, batch, step, ...) of the newest complete resume state of `run`, if any."""
-    states = sorted(p for p in (Path(run) / "state").glob("step-*") if (p / STATE_DONE).is_file())
-    for state in reversed(states):
-        try:
-            return json.loads((state / STATE_DONE).read_text())
-        except (OSError, ValueError):
-            continue
-    return None
+    """The bookkeeping (epoch, batch, step, ...) of the state a resume of `run` would continue, if any."""
+    state = current_state(run)
+    return state_info(state) if state else None
 
 
 def weights_file(path: str | Path) -> Path:

@@ -21,6 +21,12 @@ from toolkit import UserError
 log = logging.getLogger(__name__)
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode for people (reports, pictures, the terminal): bytes of a file or class name that
+    are not UTF-8 (kept as surrogates by os.fsdecode) are shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def temp_path(path: Path, tag: str = "tmp") -> Path:
     """The temporary name of `path` while it is written by this process (see core.lock.remove_stale_temps)."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")

@@ -106,7 +106,7 @@ class Lock:
         self.fd = None
 
     def __enter__(self) -> "Lock":
-        return self.acquire()
+        return self if self.fd is not None else self.acquire()  # a held lock is entered as it is
 
     def __exit__(self, *exc) -> bool:
         self.release()

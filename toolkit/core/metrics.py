@@ -4,7 +4,29 @@ Shared by training, evaluate and the run report, so the figures they print agree
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from toolkit.core.files import append_jsonl, read_jsonl, rewrite_jsonl
+
+METRICS = "metrics.jsonl"  # in the run folder: one record per evaluation, appended
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    """The metrics records of a run, in order; a line torn by a crash or a full disk is left out."""
+    return read_jsonl(Path(run_dir) / METRICS)
+
+
+def append_record(run_dir: str | Path, record: dict) -> None:
+    append_jsonl(Path(run_dir) / METRICS, record)
+
+
+def keep_records(run_dir: str | Path, epochs: int) -> None:
+    """Drop the records of epochs after `epochs` (run again after a resume), atomically."""
+    path = Path(run_dir) / METRICS
+    if path.exists():
+        rewrite_jsonl(path, [r for r in read_records(run_dir) if r.get("epoch", 0) <= epochs])
 
 
 def per_class_accuracy(confusion, classes: list[str]) -> dict[str, float | None]:

@@ -99,6 +99,9 @@ def save_png(image: Image.Image, out: str | Path, overwrite: bool = False) -> No
     out = Path(out)
     if out.is_dir():
         raise UserError(f"'{out}' is a folder; give a .png file name")
+    from toolkit.core.lock import remove_stale_temps
+
+    remove_stale_temps(out.parent, prefix=f".{out.name}.")  # left by a writer killed while saving this file
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         image.save(tmp, format="PNG")

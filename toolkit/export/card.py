@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from toolkit import __version__
+from toolkit.core.files import printable
 from toolkit.core.meta import Meta
 
 INTERPOLATION = "bilinear"  # what core.images.resize uses
@@ -113,7 +114,7 @@ def model_card(out: Path, meta: Meta, report: dict, command: str, weights: Path)
         f"torch {report.get('parity_vs_torch', {}).get('max_logit_diff', float('nan')):.2e}",
         "", "## Classes", "", "| index | class | validation accuracy |", "|---|---|---|",
     ]
-    lines += [f"| {i} | {name} | {_pct(per_class.get(name))} |" for i, name in enumerate(meta.class_names)]
+    lines += [f"| {i} | {printable(name)} | {_pct(per_class.get(name))} |" for i, name in enumerate(meta.class_names)]
     lines += ["", "## How it was made", "", "```", trained, command, "```", "",
               "## Use", "", "```", f"toolkit predict {shlex.quote(str(out))} photos/ -o predictions.csv",
               f"toolkit evaluate {shlex.quote(str(out))} labelled_photos/", "```", ""]

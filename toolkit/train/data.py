@@ -49,6 +49,23 @@ class Dataset:
     train: Split
     val: Split
     val_dir: str | None  # folder of class subfolders holding the validation images, if any
+    fingerprint: str = ""  # of the class list, the file lists and the labels (see fingerprint())
+
+
+def fingerprint(classes: list[str], root: str, *splits) -> str:
+    """sha256 of the class names and each split's (files relative to `root`, or None) and labels: a resume state
+    records it, so a resumed run can tell that its data changed. Names are hashed as bytes (need not be UTF-8)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    for name in classes:
+        h.update(os.fsencode(name) + b"\0")
+    for files, labels in splits:
+        h.update(b"\1" + np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+        for f in files or ():
+            h.update(os.fsencode(os.path.relpath(f, root)) + b"\0")
+    return h.hexdigest()[:16]
 
 
 # --- finding the data ------------------------------------------------------------------------
@@ -67,7 +84,8 @@ def _cifar10(cfg: DataConfig) -> Dataset:
 
         xtr, xva = resize_all(xtr), resize_all(xva)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
-    return Dataset(classes, Split(torch.from_numpy(ytr), to_t(xtr)), Split(torch.from_numpy(yva), to_t(xva)), None)
+    return Dataset(classes, Split(torch.from_numpy(ytr), to_t(xtr)), Split(torch.from_numpy(yva), to_t(xva)), None,
+                   fingerprint(classes, cfg.root, (None, ytr), (None, yva)))
 
 
 def ensure_shapes(cfg: DataConfig, seed: int) -> None:
@@ -105,7 +123,9 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: b
         log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(files.train), len(files.val),
                  decoded_gb)
         return Dataset(files.classes, Split(torch.from_numpy(files.train_labels), files=files.train),
-                       Split(torch.from_numpy(files.val_labels), files=files.val), files.val_dir)
+                       Split(torch.from_numpy(files.val_labels), files=files.val), files.val_dir,
+                       fingerprint(files.classes, cfg.root, (files.train, files.train_labels),
+                                   (files.val, files.val_labels)))
     from toolkit.train.cache import decode_cached
 
     if workers is None and cfg.num_workers >= 0:
@@ -122,7 +142,8 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: b
         x = np.array(x) if use.all() else x[use]  # one in-memory copy (the cache is memory-mapped)
         labels = kept.train_labels if paths is files.train else kept.val_labels
         splits.append(Split(torch.from_numpy(labels[ok[mask]]), torch.from_numpy(x)))
-    return Dataset(kept.classes, splits[0], splits[1], kept.val_dir)
+    return Dataset(kept.classes, splits[0], splits[1], kept.val_dir,
+                   fingerprint(kept.classes, cfg.root, (kept.train, kept.train_labels), (kept.val, kept.val_labels)))
 
 
 def _check_val(files: imagefolder.Files, cfg: DataConfig) -> None:

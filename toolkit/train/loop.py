@@ -12,10 +12,10 @@ scaler, every process's RNG and the position inside the epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import toolkit.train.validate as validate
 from toolkit import UserError
 from toolkit.config import Config
 from toolkit.core.meta import Meta
+from toolkit.core.metrics import read_records
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
 from toolkit.train.ema import WeightEma
@@ -75,8 +76,25 @@ class Run:
 
 
 def train(cfg: Config) -> Path:
-    """Train per `cfg`; returns the run directory."""
-    run = _set_up(cfg)
+    """Train per `cfg`; returns the run directory. The main process holds the run folder's lock throughout."""
+    check_arch(cfg.model.arch, list_models())  # a misspelt model fails before any data is generated or read
+    accelerator, run_dir, lock = rundir.start(cfg)
+    with lock:
+        try:
+            run = _set_up(cfg, accelerator, run_dir)
+            _epochs(run)
+            _finish_run(run)
+        except Exception as e:  # a collective that timed out or lost a process: one line naming this rank
+            lost = rundir.lost_contact(e, cfg, accelerator.num_processes)
+            if lost is None:
+                raise
+            raise lost from e
+    return run_dir
+
+
+def _epochs(run: Run) -> None:
+    """Train, evaluate and save epoch by epoch until train.epochs, the target accuracy or a stop signal."""
+    cfg = run.cfg
     with rundir.StopSignals() as stop:
         for epoch in range(run.state.epoch, cfg.train.epochs):
             loss_mean, images, elapsed = _train_epoch(run, epoch, stop)
@@ -90,14 +108,10 @@ def train(cfg: Config) -> Path:
                 break
             if _reduce_flags(run.accelerator, stop=stop.requested)["stop"] > 0:
                 _preempted(run)  # signalled during evaluation: resume at the epoch end
-    _finish_run(run)
-    return run.run_dir
 
 
-def _set_up(cfg: Config) -> Run:
-    """Accelerator, data, model (fresh or from the resume state), optimizer, batch sources, run folder."""
-    check_arch(cfg.model.arch, list_models())  # a misspelt model fails before any data is generated or read
-    accelerator, run_dir = rundir.start(cfg)
+def _set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
+    """Data, model (fresh or from the resume state), optimizer, batch sources, the run folder's first files."""
     for change in pretrained.apply_pretrained_defaults(cfg):
         log.info("model.pretrained: %s (the pretrained model's own)", change)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -117,6 +131,9 @@ def _set_up(cfg: Config) -> Run:
     if state_path:
         state.restore_resume(accelerator, optimizer, files, st, cfg)
         log.info("resumed from %s: epoch %d, batch %d, step %d", state_path, st.epoch + 1, st.batch, st.step)
+        state.check_same_data(st, state_path, ds.classes, ds.fingerprint)  # before any step or write
+    st.class_names, st.data_fingerprint = list(ds.classes), ds.fingerprint  # saved with every state
+    st.branch, st.parent = uuid.uuid4().hex[:12], state_path.name if state_path else None
     plan = data.TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum,
                           cfg.data.drop_last)
     workers = rundir.loader_workers(cfg) if ds.train.files is not None else 0
@@ -132,7 +149,7 @@ def _set_up(cfg: Config) -> Run:
               augment=Augment.from_config(cfg.data, cfg.seed),
               total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs, ema=ema)
     if accelerator.is_main_process:
-        rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None)
+        rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None, st.branch, state_path)
         _log_start(run)
     if cfg.train.log_with:
         accelerator.init_trackers(cfg.name, config=rundir.flat(cfg.to_dict()))
@@ -160,6 +177,8 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
             model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(sample))
     else:
         st, files = state.load_state(state_path)
+        if st.class_names is not None and len(st.class_names) != num_classes:  # classes added or removed
+            state.check_same_data(st, state_path, ds.classes, ds.fingerprint)
         saved = (st.arch or cfg.model.arch, st.num_classes or num_classes)
         if saved != (cfg.model.arch, num_classes):
             raise UserError(f"resume state '{state_path}' is for model {saved[0]} with {saved[1]} classes; this run "
@@ -241,7 +260,7 @@ def _finish_run(run: Run) -> None:
     if run.accelerator.is_main_process and (run_dir / "best.safetensors").is_file():
         validation = report.validation_predictions(run_dir, run.ds.val, run.cfg.data, run.accelerator.device)
         report.write_report(run_dir, run.ds.classes, st.best_confusion, st.best_epoch, validation)
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        last = (read_records(run_dir) or [{"val_accuracy": st.best_accuracy}])[-1]  # a torn last line left out
         log.info("best val accuracy %.2f%% at epoch %d (the epoch chosen on validation, so optimistic for new "
                  "images); last epoch %.2f%%; %d non-finite steps skipped", 100 * st.best_accuracy, st.best_epoch,
                  100 * last["val_accuracy"], st.nonfinite_skipped)

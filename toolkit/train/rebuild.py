@@ -7,7 +7,6 @@ config.yaml and the run's data as it is on disk (never generated or downloaded h
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import toolkit.train.report as report
 from toolkit import UserError
 from toolkit.config import load_config
 from toolkit.core.checkpoint import newest_state, weights_file
+from toolkit.core.metrics import read_records
 from toolkit.train.validate import evaluate
 from toolkit.train.weights import build_model
 
@@ -54,7 +54,7 @@ def rebuild_report(run_dir: str | Path) -> Path:
         confusions, _ = evaluate(model.to(device), source, data.eval_shards(len(ds.val), 1, 0, 256), norm,
                                  meta.num_classes)
         confusion = confusions[0].cpu().tolist()  # the plain figure, as the run stores it
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_records(run_dir)  # a line torn by a crash is left out
     if not records:
         raise UserError(f"'{run_dir / 'metrics.jsonl'}' holds no evaluation; nothing to report")
     validation = report.validation_predictions(run_dir, ds.val, cfg.data, device)

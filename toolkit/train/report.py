@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.core.metrics import format_table, per_class_rows
+from toolkit.core.files import printable, writing
+from toolkit.core.metrics import format_table, per_class_rows, read_records
 
 
 def _pyplot():
@@ -141,36 +141,43 @@ def write_report(run_dir: Path, classes: list[str], confusion, epoch: int, valid
 
     run_dir = Path(run_dir)
     out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    classes = [printable(c) for c in classes]  # class folder names need not be UTF-8; pictures and text need it
+    records = read_records(run_dir)  # a line torn by a crash is left out
     rows = per_class_rows(confusion, classes)
-    with open(out / "per_class.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["class", "correct", "total", "accuracy"])
-        w.writeheader()
-        w.writerows(rows)
     table = format_table(rows)
-    (out / "per_class.txt").write_text(table + "\n")
-    name = run_dir.name
-    plot_curves(records, out / "curves.png", f"{name}: training")
-    plot_per_class(rows, out / "per_class.png", f"{name}: validation accuracy per class (best epoch {epoch})")
-    plot_confusion(confusion, classes, out / "confusion.png", f"{name}: validation confusion matrix (best epoch {epoch})")
-    pictures = ["curves.png", "per_class.png", "confusion.png"]
-    if validation is not None:
-        validation_grid(*validation, classes, out / "validation.png")
-        pictures.append("validation.png")
-    (out / "report.md").write_text(_markdown(run_dir, records, rows, epoch, pictures))
+    name = printable(run_dir.name)
+    with writing(out, "the run report"):  # a full disk or a read-only folder: one sentence
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "per_class.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["class", "correct", "total", "accuracy"])
+            w.writeheader()
+            w.writerows(rows)
+        (out / "per_class.txt").write_text(table + "\n")
+        pictures = ["per_class.png", "confusion.png"]
+        if records:
+            plot_curves(records, out / "curves.png", f"{name}: training")
+            pictures.insert(0, "curves.png")
+        plot_per_class(rows, out / "per_class.png", f"{name}: validation accuracy per class (best epoch {epoch})")
+        plot_confusion(confusion, classes, out / "confusion.png",
+                       f"{name}: validation confusion matrix (best epoch {epoch})")
+        if validation is not None:
+            validation_grid(*validation, classes, out / "validation.png")
+            pictures.append("validation.png")
+        (out / "report.md").write_text(_markdown(run_dir, records, rows, epoch, pictures))
     print(table, file=sys.stderr)
     return out
 
 
 def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, pictures: list[str]) -> str:
+    records = records or [{"epoch": epoch, "val_accuracy": 0.0, "val_count": 0, "epoch_time_s": 0.0,
+                           "images_per_s": 0.0}]  # metrics.jsonl lost: the report still says what it can
     best = max(records, key=lambda r: r["val_accuracy"])
     speed = sorted(r["images_per_s"] for r in records)[len(records) // 2]
     _, macro = accuracies(rows)
     worst = sorted((r for r in rows if r["accuracy"] is not None), key=lambda r: r["accuracy"])[:3]
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     lines = [
-        f"# {run_dir.name}", "",
+        f"# {printable(run_dir.name)}", "",
         f"- best validation accuracy (micro: correct / images): **{100 * best['val_accuracy']:.2f}%** at epoch "
         f"{epoch} ({best['val_count']} validation images); macro (mean of the per-class accuracies): "
         f"{100 * macro:.2f}%",

@@ -3,6 +3,7 @@ metrics.jsonl records, stop signals, the preemption marker, and leaving together
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,10 +17,52 @@ import torch
 import toolkit.train.state as state
 from toolkit import UserError
 from toolkit.config import Config, save_config
+from toolkit.core.files import write_atomic, writing
+from toolkit.core.lock import Busy, Lock, remove_stale_temps
+from toolkit.core.metrics import append_record, keep_records
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: state saved after SIGTERM/SIGUSR1, run again with train.resume=auto
 PREEMPTED_MARKER = "preempted.json"  # in the run dir; launchers that swallow exit codes still leave this
+LOCK = ".lock"  # in the run dir while a run writes it (owner pid and host inside); removed at the end
+
+
+def claim_run_dir(cfg: Config) -> tuple[Path, Lock]:
+    """Main process: the run folder, created if needed and locked for the whole run (one writer per folder).
+
+    A new run takes out_dir/name, or name-2, name-3, ... when a folder has contents or another run holds
+    it; creating the folder with mkdir and taking its lock is what claims it, so two runs started together
+    never share one. A resumed run must get its own folder's lock: another live writer is refused in one
+    line. Temporary files of writers that are gone are removed.
+    """
+    resuming = bool(cfg.train.resume)
+    base = resolve_run_dir(cfg) if resuming else Path(cfg.train.out_dir) / cfg.name
+    candidate, i = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            raise UserError(f"cannot create the run folder '{candidate}' ({e.strerror or e})") from None
+        if not candidate.is_dir():
+            raise UserError(f"cannot create the run folder '{candidate}': a file of that name is in the way")
+        lock = Lock(candidate / LOCK, f"run folder '{candidate}'")
+        try:
+            lock.acquire()
+        except Busy:
+            if resuming:
+                raise
+        else:
+            if resuming or created or not any(p.name != LOCK for p in candidate.iterdir()):
+                break
+            lock.release()
+        i += 1
+        candidate = base.with_name(f"{cfg.name}-{i}")
+    for folder in (candidate, candidate / "state"):  # what writers killed here left behind
+        remove_stale_temps(folder)
+    return candidate, lock
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -61,23 +104,50 @@ class StopSignals:
 
 
 def start(cfg: Config):
-    """The Accelerator and the run directory (chosen by the main process, shared with all)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+    """-> (Accelerator, run directory, its lock). The main process claims the folder and holds the lock (a
+    context manager; the other processes get a no-op one) until the run ends; every process learns the folder.
+    Collectives wait at most train.collective_timeout seconds for a stuck or lost process."""
+    from datetime import timedelta
 
-    partial = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() would read it
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, parse_flag_from_env
+
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    partial = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timeout)  # as Accelerator() reads it
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and partial.num_processes == 1:
         raise UserError(f"{launched} processes were launched but did not join one job; on a machine without "
                         "GPUs launch with ACCELERATE_USE_CPU=true (see launch/cpu_ddp.yaml)")
-    run_dir = broadcast_object_list([resolve_run_dir(cfg) if partial.is_main_process else None])[0]
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=_trackers(cfg.train.log_with, Path(run_dir)), project_dir=str(run_dir))
-    if cfg.train.log_with and not accelerator.log_with:  # accelerate drops trackers whose package is missing
-        raise UserError(f"train.log_with={cfg.train.log_with}: its package is not installed "
-                        f"(tensorboard: pip install tensorboardX; wandb: pip install wandb; ...)")
+    run_dir, lock = claim_run_dir(cfg) if partial.is_main_process else (None, contextlib.nullcontext())
+    try:
+        run_dir = broadcast_object_list([run_dir])[0]
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
+                                  log_with=_trackers(cfg.train.log_with, Path(run_dir)), project_dir=str(run_dir),
+                                  kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+        if cfg.train.log_with and not accelerator.log_with:  # accelerate drops trackers whose package is missing
+            raise UserError(f"train.log_with={cfg.train.log_with}: its package is not installed "
+                            f"(tensorboard: pip install tensorboardX; wandb: pip install wandb; ...)")
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
     logging.getLogger("toolkit").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    return accelerator, Path(run_dir)
+    return accelerator, Path(run_dir), lock
+
+
+def lost_contact(e: BaseException, cfg: Config, world: int) -> UserError | None:
+    """A collective that timed out or lost its peers, as one line (the command line prefixes the rank)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    if world < 2 or not (isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, RuntimeError)
+                         and any(k in text for k in ("Timed out", "timed out", "Connection closed", "Gloo"))):
+        return None
+    if "imed out" in text or "Timeout" in text:
+        return UserError(f"no answer from the other processes within train.collective_timeout="
+                         f"{cfg.train.collective_timeout:g} s: a process is stuck or gone; the job stops (resume it "
+                         "with train.resume=auto)")
+    return UserError(f"lost contact with another process ({text.splitlines()[0][-120:]}); the job stops (resume it "
+                     "with train.resume=auto)")
 
 
 def _trackers(log_with: str, run_dir: Path) -> list | None:
@@ -113,12 +183,6 @@ def finish(accelerator) -> None:
         torch.distributed.destroy_process_group()
 
 
-def keep_records(path: Path, epochs: int) -> None:
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epochs))
-
-
 def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -127,8 +191,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def log_epoch(record: dict, run_dir: Path, cfg: Config, accelerator) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(run_dir, record)  # one whole line or none; a torn one is cut away first
     tta = f" (flip TTA {100 * record['val_accuracy_tta']:.2f}%, not stored)" if "val_accuracy_tta" in record else ""
     log.info("epoch %d/%d  loss %.4f  val acc %.2f%%%s (%d images)  lr %.4g  %.1f s  %.0f img/s",
              record["epoch"], cfg.train.epochs, record["train_loss"], 100 * record["val_accuracy"], tta,
@@ -139,7 +202,7 @@ def log_epoch(record: dict, run_dir: Path, cfg: Config, accelerator) -> None:
 
 def mark_preempted(run_dir: Path, step: int) -> None:
     """Main process: leave PREEMPTED_MARKER for launchers that swallow the exit code."""
-    (run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+    write_atomic(run_dir / PREEMPTED_MARKER, json.dumps({"step": step, "time": time.time()}))
 
 
 def loader_workers(cfg: Config) -> int:
@@ -149,11 +212,13 @@ def loader_workers(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def open_run_dir(run_dir: Path, cfg: Config, resumed_epoch: int | None) -> None:
-    """Main process: create the run folder and write its config; a resumed run drops the metrics
-    records of epochs after `resumed_epoch` (logged after the state was saved: they are run again)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+def open_run_dir(run_dir: Path, cfg: Config, resumed_epoch: int | None, branch: str, parent: Path | None) -> None:
+    """Main process: write the run's config and record that training starts here (state.HISTORY: the
+    branch id and the state it continues); a resumed run drops the metrics records of epochs after
+    `resumed_epoch` (logged after the state was saved: they are run again)."""
+    with writing(run_dir):
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     if resumed_epoch is not None:
-        keep_records(run_dir / "metrics.jsonl", resumed_epoch)
+        keep_records(run_dir, resumed_epoch)
     save_config(cfg, run_dir / "config.yaml")
+    state.start_branch(run_dir, branch, parent)

@@ -16,13 +16,15 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from toolkit import UserError
-from toolkit.core.checkpoint import STATE_DONE
+from toolkit.core.checkpoint import HISTORY, STATE_DONE, current_state, state_info
+from toolkit.core.files import append_jsonl, printable, writing
 from toolkit.train.weights import assert_finite, check_finite, clean_state_dict
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class TrainState:
     batch_size: int | None = None
     grad_accum: int | None = None
     config_hash: str | None = None  # of the config that saved the state
+    class_names: list[str] | None = None  # index order of the weights' outputs (None: a state from before)
+    data_fingerprint: str | None = None  # data.Dataset.fingerprint: file lists and labels it was trained on
+    branch: str | None = None  # id of the training start that saved it (see HISTORY)
+    parent: str | None = None  # the state that start continued from (a step-N folder name), if any
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -77,22 +83,43 @@ def save_state(state_dir: Path, step: int, files: dict[str, object], trainer: Tr
 
     final = state_dir / f"step-{step:09d}"
     tmp = state_dir / f".tmp-step-{step:09d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, obj in files.items():
-        if name.endswith(".safetensors"):
-            save_file(obj, str(tmp / name))
-        else:
-            torch.save(obj, tmp / name)
-    (tmp / DONE).write_text(trainer.to_json())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(state_dir)
-    for old in list_states(state_dir)[:-keep]:
+    try:
+        with writing(final, "the resume state"):  # a full disk or a lost folder: one sentence
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, obj in files.items():
+                if name.endswith(".safetensors"):
+                    save_file(obj, str(tmp / name))
+                else:
+                    torch.save(obj, tmp / name)
+            (tmp / DONE).write_text(trainer.to_json())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(state_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _superseded(list_states(state_dir), trainer.branch, keep):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _superseded(states: list[Path], branch: str | None, keep: int) -> list[Path]:
+    """States to delete: the current branch keeps its newest `keep`; a state of any branch older than those
+    goes too. Newer states of an abandoned branch stay until this one passes them (they may be wanted)."""
+    mine = [p for p in states if state_info(p).get("branch") == branch]
+    if not mine:
+        return []
+    kept = mine[-keep:]
+    floor = kept[0].name
+    return [p for p in states if p not in kept and (p in mine or p.name < floor)]
+
+
+def start_branch(run_dir: Path, branch: str, parent: Path | None) -> None:
+    """Main process: record that training (re)starts in `run_dir` from `parent` (None: from scratch)."""
+    append_jsonl(run_dir / HISTORY, {"branch": branch, "parent": parent.name if parent else None,
+                                     "started": time.time(), "pid": os.getpid()})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,17 +143,34 @@ def find_state(resume: str, run_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        states = list_states(run_dir / "state")
-        return states[-1] if states else None
+        return current_state(run_dir)
     path = Path(resume)
     if not path.exists():
         raise UserError(f"train.resume '{path}' does not exist; give a state folder, a run directory or 'auto'")
     if (path / DONE).is_file():
         return path
-    states = list_states(path / "state" if (path / "state").is_dir() else path)
-    if not states:
+    found = current_state(path.parent if path.name == "state" else path)
+    if not found:
         raise UserError(f"train.resume '{path}' holds no complete resume state")
-    return states[-1]
+    return found
+
+
+def check_same_data(st: TrainState, path: Path, classes: list[str], fingerprint: str) -> None:
+    """A resumed run must train the classes its weights were trained on, in the same order; else UserError.
+    Other changes to the data (files added, removed or relabelled) are allowed, with a warning."""
+    if st.class_names is not None and st.class_names != classes:
+        def names(c):
+            return "[" + ", ".join(printable(n) for n in c[:8]) + (", ..." if len(c) > 8 else "") + "]"
+
+        gone, new = sorted(set(st.class_names) - set(classes)), sorted(set(classes) - set(st.class_names))
+        what = (f" ({', '.join(printable(n) for n in gone[:4])} gone; {', '.join(printable(n) for n in new[:4])} new)"
+                if gone or new else " (the same names in another order)")
+        raise UserError(f"resume state '{path}' was trained with the class list {names(st.class_names)}; the data "
+                        f"now gives {names(classes)}{what}: resuming would put the wrong names on its outputs; "
+                        "restore the class folders or start a new run")
+    if st.data_fingerprint and fingerprint and st.data_fingerprint != fingerprint:
+        log.warning("the training data changed since %s was saved (files added, removed or relabelled); resuming "
+                    "anyway, so this run is not the one the interrupted run would have finished", path)
 
 
 def load_state(path: Path) -> tuple[TrainState, dict[str, object]]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from toolkit import UserError
+from toolkit.core.files import temp_path, writing
 from toolkit.core.meta import META_KEY, Meta
 from toolkit.core.checkpoint import weights_file
 
@@ -49,9 +50,13 @@ def _atomic_save_file(state: dict[str, torch.Tensor], path: Path, metadata: dict
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with writing(path):  # a full disk or a lost folder: one sentence, whatever safetensors raises
+            save_file(state, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_weights(model: nn.Module, meta: Meta, path: str | Path) -> None:
