@@ -23,10 +23,9 @@ from PIL import Image, ImageFile, ImageOps
 from toolkit.core import formats
 from toolkit.core.folders import Labelled, find_images, find_labelled, iter_images  # noqa: F401  (this module's API)
 from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (this module's API)
-from toolkit.core.meta import MAX_PIXELS  # the decoders' default cap, also read as images.MAX_PIXELS
+from toolkit.core.meta import MAX_PIXELS, RESIZE_POLICIES  # the decoders' cap and the policies, also images.*
 
 log = logging.getLogger(__name__)
-RESIZE_POLICIES = ("center_crop", "squash")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey

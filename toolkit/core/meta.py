@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 
 from toolkit import UserError, __version__
-from toolkit.core.images import RESIZE_POLICIES
 
 SCHEMA_VERSION = 1
 META_KEY = "toolkit_meta"
+RESIZE_POLICIES = ("center_crop", "squash")  # see core.images.resize
 MAX_IMAGE_SIZE = 4096  # pixels per side; bounds what a model file (or a config) can make us allocate
 MAX_CLASSES = 100_000
 INPUT_DTYPES = ("float32", "uint8")
@@ -155,7 +155,9 @@ def read_meta(path) -> Meta:
         from toolkit.core.onnxfile import NotOnnx, OnnxFile
 
         try:  # the metadata alone, without the onnx package or loading any weight
-            props = OnnxFile(path).metadata()
+            onnx_file = OnnxFile(path)
+            props = onnx_file.metadata()
+            outputs = onnx_file.graph().output
         except (NotOnnx, OSError) as e:
             raise UserError(f"'{path}' is not a readable ONNX file ({str(e).splitlines()[0][:100]})") from None
     else:
@@ -170,15 +172,6 @@ def read_meta(path) -> Meta:
     if META_KEY not in props:
         raise UserError(f"'{path}' has no toolkit metadata")
     meta = Meta.from_json(props[META_KEY], f"'{path}'")
-    if path.suffix.lower() == ".onnx":
-        meta.check_outputs(_output_dim(path), f"'{path}'")
+    if path.suffix.lower() == ".onnx" and outputs and outputs[0].shape:
+        meta.check_outputs(outputs[0].shape[-1], f"'{path}'")  # an int when fixed, a name when dynamic
     return meta
-
-
-def _output_dim(path) -> int | None:
-    """The last axis of an ONNX graph's first output, when fixed."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    dims = graph.output[0].type.tensor_type.shape.dim if graph.output else []
-    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
