@@ -185,3 +185,22 @@ def test_a_resumed_run_removes_what_killed_writers_left(tmp_path):
     train(load_config(None, _train_args(data, out, "train.epochs=2", "train.resume=auto")))
     assert not any(p.exists() for p in leftovers)
     assert not [n for n in os.listdir(run) if n.startswith(".")]
+
+
+def test_rebuilding_the_report_of_a_run_being_written_is_refused(tmp_path):
+    from conftest import two_colours
+    from toolkit.config import load_config
+    from toolkit.train import train
+    from toolkit.train.rebuild import rebuild_report
+
+    data = two_colours(tmp_path / "d", n=8, size=16)
+    run = train(load_config(None, _train_args(data, tmp_path / "runs")))
+    owner = hold_in_another_process(run / ".lock")  # e.g. the run resumed in another terminal
+    try:
+        with pytest.raises(Busy, match=f"run folder '{run}' is being written by process {owner.pid}"):
+            rebuild_report(run)
+    finally:
+        owner.kill()
+        owner.wait()
+    rebuild_report(run)
+    assert not (run / ".lock").exists()

@@ -37,7 +37,6 @@ GOOD = Meta("tutorial_net", ["a", "b"], 32, "center_crop", [0.5] * 3, [0.25] * 3
     ("resize", "stretch", "'resize'"),
     ("input_dtype", "float64", "'input_dtype'"),
     ("channels", 4, "'channels'"),
-    ("alpha_background", [255, 255, 256], "'alpha_background'"),
     ("metrics", [], "'metrics'"),
     ("arch", "x" * 100_000, "'arch' = 'xxxx"),
 ])

@@ -125,9 +125,6 @@ class Meta:
             bad("std", "three finite positive numbers")
         if not isinstance(self.normalize_in_graph, bool):
             bad("normalize_in_graph", "true or false")
-        bg = self.alpha_background
-        if not isinstance(bg, list) or len(bg) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in bg):
-            bad("alpha_background", "three whole numbers 0..255")
         for name in ("metrics", "extra"):
             if not isinstance(getattr(self, name), dict):
                 bad(name, "a mapping")

@@ -17,7 +17,9 @@ import toolkit.train.report as report
 from toolkit import UserError
 from toolkit.config import load_config
 from toolkit.core.checkpoint import newest_state, weights_file
+from toolkit.core.lock import Lock
 from toolkit.core.metrics import read_records
+from toolkit.train.rundir import LOCK
 from toolkit.train.validate import evaluate
 from toolkit.train.weights import build_model
 
@@ -58,4 +60,5 @@ def rebuild_report(run_dir: str | Path) -> Path:
     if not records:
         raise UserError(f"'{run_dir / 'metrics.jsonl'}' holds no evaluation; nothing to report")
     validation = report.validation_predictions(run_dir, ds.val, cfg.data, device)
-    return report.write_report(run_dir, ds.classes, confusion, epoch, validation)
+    with Lock(run_dir / LOCK, f"run folder '{run_dir}'"):  # never beside a training that writes this folder
+        return report.write_report(run_dir, ds.classes, confusion, epoch, validation)
