@@ -330,7 +330,9 @@ def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_pa
     newest = state.list_states(run / "state")[-1]
     saved, files = state.load_state(newest)
     cfg = load_config(run / "config.yaml", ["train.resume=auto", f"train.out_dir={tmp_path}", "train.epochs=4"])
-    r = loop._set_up(cfg)
+    accelerator, run_dir, lock = rundir.start(cfg)
+    with lock:
+        r = loop._set_up(cfg, accelerator, run_dir)
     try:
         model = r.raw_model.state_dict()
         assert files["model.safetensors"].keys() == model.keys()

@@ -4,12 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import run_toolkit
-from toolkit import UserError
 from toolkit.core.lock import Busy, Lock, lock_path, remove_stale_temps
 from toolkit.export import export
 from toolkit.predict import predict, table
