@@ -339,3 +339,20 @@ def test_class_and_file_names_that_are_not_utf8_train_report_evaluate_and_export
     onnx_file = tmp_path / "m.onnx"
     run_toolkit("export", run, "-o", onnx_file)
     assert "caf\\xe9" in onnx_file.with_suffix(".README.md").read_text()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation",
+     "no answer from the other processes within train.collective_timeout=5 s"),
+    ("Application timeout caused pair closure", "no answer from the other processes"),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+     "lost contact with another process"),
+    ("CUDA out of memory", None),  # not a collective's failure: left as it is
+])
+def test_a_failed_collective_is_one_line(message, expected):
+    from toolkit.train.rundir import lost_contact
+
+    cfg = load_config(None, ["train.collective_timeout=5"])
+    found = lost_contact(RuntimeError(message), cfg, world=2)
+    assert (found is None) if expected is None else expected in str(found)
+    assert lost_contact(RuntimeError(message), cfg, world=1) is None  # one process has no peers to lose

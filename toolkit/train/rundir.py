@@ -135,18 +135,22 @@ def start(cfg: Config):
 
 
 def lost_contact(e: BaseException, cfg: Config, world: int) -> UserError | None:
-    """A collective that timed out or lost its peers, as one line (the command line prefixes the rank)."""
+    """A collective that timed out or lost its peers, as one line (the command line prefixes the rank).
+    gloo words it in many ways ("Timed out waiting ...", "Application timeout caused pair closure",
+    "Connection closed by peer"), as a RuntimeError or torch's DistBackendError."""
     import torch.distributed as dist
 
-    text = str(e)
-    if world < 2 or not (isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, RuntimeError)
-                         and any(k in text for k in ("Timed out", "timed out", "Connection closed", "Gloo"))):
+    low = str(e).lower()
+    timed_out = "timed out" in low or "timeout" in low
+    lost = any(k in low for k in ("connection closed", "connection reset", "pair closure", "broken pipe", "gloo"))
+    if world < 2 or not (isinstance(e, getattr(dist, "DistBackendError", ())) or
+                         isinstance(e, RuntimeError) and (timed_out or lost)):
         return None
-    if "imed out" in text or "Timeout" in text:
+    if timed_out:
         return UserError(f"no answer from the other processes within train.collective_timeout="
                          f"{cfg.train.collective_timeout:g} s: a process is stuck or gone; the job stops (resume it "
                          "with train.resume=auto)")
-    return UserError(f"lost contact with another process ({text.splitlines()[0][-120:]}); the job stops (resume it "
+    return UserError(f"lost contact with another process ({str(e).splitlines()[0][-120:]}); the job stops (resume it "
                      "with train.resume=auto)")
 
 
