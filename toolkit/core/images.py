@@ -210,14 +210,14 @@ def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels
     return Batch(paths, pixels, ok, errors)
 
 
-def _worker_start(initializer, initargs: tuple) -> None:
-    """In each worker: exit when the parent dies (even by SIGKILL), leave Ctrl-C to the parent."""
+def _worker_start(parent: int, initializer, initargs: tuple) -> None:
+    """In each worker: exit when the parent (pid `parent`) dies, even by SIGKILL; leave Ctrl-C to the parent."""
     import signal
 
     from toolkit.core.process import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM, parent)
     if initializer is not None:
         initializer(*initargs)
 
@@ -241,8 +241,9 @@ class Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            start = (os.getpid(), self.initializer, self.initargs)
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_worker_start, initargs=(self.initializer, self.initargs))
+                                            initializer=_worker_start, initargs=start)
             self.pool.submit(int).result()  # with fork, every worker starts on the first task: now
         return self
 

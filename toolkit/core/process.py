@@ -9,13 +9,16 @@ import threading
 import time
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
     """Receive `sig` when the parent process dies, however it dies (SIGKILL included).
 
+    parent: the pid of the process that started this one, recorded before it did (a pool passes
+    os.getpid() to its workers); without it, the parent at the time of the call. With it, a parent
+    that died between the fork and this call is noticed too (the child then has another parent).
     Linux: the kernel's parent-death signal (prctl PR_SET_PDEATHSIG). Elsewhere: a daemon thread
     that watches the parent pid once a second.
     """
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     if sys.platform.startswith("linux"):
         import ctypes
 
