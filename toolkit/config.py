@@ -40,6 +40,12 @@ class DataConfig:
     rotate_degrees: float = 0.0  # random rotation by up to +- this many degrees; 0 = off
     scale_jitter: float = 0.0  # random zoom by up to 1 +- this fraction (with the rotation, one resampling); 0 = off
     cutout: int = 0  # side in pixels of a random square set to zero in each training image; 0 = off
+    random_resized_crop: bool = False  # a random box (data.rrc_scale, data.rrc_ratio) resized to image_size
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # box area range, fractions of the image's
+    rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # box width/height range, log-uniform
+    trivial_augment: bool = False  # TrivialAugmentWide: per image one of 14 ops (colour, rotate, ...) at a random strength
+    mixup: float = 0.0  # mixup Beta(alpha, alpha): blend each image and label with another's; 0 = off
+    cutmix: float = 0.0  # CutMix Beta alpha: paste a box of another image; 0 = off; with mixup: one of them per image
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per channel, [0, 1] scale
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per channel, [0, 1] scale; > 0
     cache: str = "auto"  # auto | memory | stream: decoded uint8 tensors in memory, or decode every epoch
@@ -272,7 +278,7 @@ def _validate(cfg: Config) -> None:
     at_least_zero = {
         "data.crop_padding": cfg.data.crop_padding, "optim.momentum": cfg.optim.momentum,
         "data.rotate_degrees": cfg.data.rotate_degrees, "data.scale_jitter": cfg.data.scale_jitter,
-        "data.cutout": cfg.data.cutout,
+        "data.cutout": cfg.data.cutout, "data.mixup": cfg.data.mixup, "data.cutmix": cfg.data.cutmix,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_epochs": cfg.optim.warmup_epochs,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.stop_at_accuracy": cfg.train.stop_at_accuracy, "model.freeze_epochs": cfg.model.freeze_epochs,
@@ -292,6 +298,13 @@ def _validate(cfg: Config) -> None:
                             ("train.stop_at_accuracy", cfg.train.stop_at_accuracy, 1.0001)):
         if not 0.0 <= value < top:
             raise UserError(f"config key '{key}' must be at least 0 and below {min(top, 1.0):g}; got {short(value)}")
+    scale, ratio = cfg.data.rrc_scale, cfg.data.rrc_ratio
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise UserError(f"config key 'data.rrc_scale' needs two area fractions 0 < low <= high <= 1, e.g. 0.08,1; "
+                        f"got {short(scale)}")
+    if len(ratio) != 2 or not 0.01 <= ratio[0] <= ratio[1] <= 100.0:
+        raise UserError(f"config key 'data.rrc_ratio' needs two aspect ratios 0.01 <= low <= high <= 100, e.g. "
+                        f"0.75,1.3333; got {short(ratio)}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise UserError("config key 'optim.betas' needs two values in [0, 1), e.g. 0.9,0.999; "
                         f"got {short(cfg.optim.betas)}")
@@ -330,6 +343,8 @@ BOUNDS = (  # (key, how to read it, largest value allowed)
     ("data.image_size", lambda c: c.data.image_size, MAX_IMAGE_SIZE),
     ("data.batch_size", lambda c: c.data.batch_size, 65_536),
     ("data.crop_padding", lambda c: c.data.crop_padding, MAX_IMAGE_SIZE),
+    ("data.mixup", lambda c: c.data.mixup, 1000.0),
+    ("data.cutmix", lambda c: c.data.cutmix, 1000.0),
     ("data.num_workers", lambda c: c.data.num_workers, 1024),
     ("data.max_image_pixels", lambda c: c.data.max_image_pixels, 2**40),
     ("data.memory_limit_gb", lambda c: c.data.memory_limit_gb, 1e6),

@@ -5,33 +5,25 @@ Randomness: each op draws from its own stream, a generator seeded with SeedSeque
 epoch, op.stream]); stream 0 is the epoch's shuffle (data.TrainPlan). An op draws a table of
 parameters for every sample of the training set at once (row i: sample i), so what sample i
 gets in epoch e depends on (seed, e, op) only: not on the batch size, the number of processes,
-where a resumed run started, or which other ops are on. Adding an op never changes the draws
-of the existing ones.
+where a resumed run started, or which other ops are on (a mixing op's partner image is the one
+before it in its batch: mixing.py). Adding an op never changes the draws of the existing ones.
 
 Fast path: the leading random crop and flip are done as one gather straight from the
 device-resident dataset (`crop_flip`); further ops run on the gathered batch.
 
-Adding an op (e.g. cutout) takes a class and a line in `Augment.from_config`:
+Adding an op takes a class and a line in `Augment.from_config`, behind a new `data.*` key in config.py
+(documented by its trailing comment). `Cutout` below is the whole pattern: fields for its settings, a
+`name`, a `stream` id never used before (the other ops keep their draws; never renumber one), `draw(n,
+g)` making the epoch's (N, k) table from its own generator (row i: sample i), and `__call__(x, y,
+params)` applying a batch's rows (on x's device) to x (B, 3, H, W) uint8 with no per-sample Python,
+returning uint8. Larger kernels live in their own module (autoaugment.py, mixing.py, warp.py), the op
+here. An op that mixes labels (MixUpCutMix) returns soft targets as y, (B, classes) float32, which the
+loss (mixing.CrossEntropy) takes as they are; it must come last. tests/test_augment_ops.py pins each
+op's draws.
 
-    @dataclass
-    class Cutout(Op):
-        size: int = 8  # side of the zeroed square, pixels
-        name: ClassVar[str] = "cutout"
-        stream: ClassVar[int] = 3  # a new stream id, never reused: the other ops keep their draws
-
-        def draw(self, n, g):  # (N, 2) int64: the square's centre (y, x) as a fraction of 2**16
-            return torch.randint(0, 1 << 16, (n, 2), generator=g)
-
-        def __call__(self, x, y, params):  # x (B, 3, H, W) uint8, y (B,) int64, params (B, 2) on x's device
-            H, W = x.shape[2:]
-            cy, cx = params[:, 0] * H >> 16, params[:, 1] * W >> 16
-            rows = (torch.arange(H, device=x.device) - cy[:, None]).abs() <= self.size // 2  # (B, H)
-            cols = (torch.arange(W, device=x.device) - cx[:, None]).abs() <= self.size // 2  # (B, W)
-            return x * ~(rows[:, None, :, None] & cols[:, None, None, :]), y
-
-    and in from_config: `if cfg.cutout: ops.append(Cutout(cfg.cutout))` (with a `data.cutout`
-    key in config.py). An op that mixes labels (mixup, cutmix) returns soft targets as y,
-    (B, classes) float, which the loss takes as they are.
+Ops and their streams: 1 crop, 2 flip, 3 affine, 4 cutout, 5 trivial (TrivialAugment), 6 rrc
+(random-resized-crop), 7 mix (mixup/CutMix). Order of application: crop, flip, rrc, affine, trivial,
+cutout, mix.
 """
 
 from __future__ import annotations
@@ -41,6 +33,10 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+
+import toolkit.train.autoaugment as autoaugment
+import toolkit.train.mixing as mixing
+import toolkit.train.warp as warp
 
 
 def stream(seed: int, epoch: int, stream_id: int) -> torch.Generator:
@@ -119,9 +115,7 @@ class RandomAffine(Op):
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
-        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
-        return out.round_().clamp_(0, 255).to(torch.uint8), y
+        return warp.warp(x, theta), y
 
 
 @dataclass
@@ -145,6 +139,61 @@ class Cutout(Op):
         return x * ~(rows[:, None, :, None] & cols[:, None, None, :]), y
 
 
+@dataclass
+class RandomResizedCrop(Op):
+    """torchvision's RandomResizedCrop on the batch: a box of `scale` x the area and aspect w/h in `ratio`
+    (log-uniform), resized back to the image's size, bilinear, by one grid_sample (warp.resized_crop_boxes).
+
+    It crops what the dataset holds (images already at data.image_size), so a box is enlarged to the full
+    size: sub-pixel detail the decoded image did not keep is not recovered."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # fractions of the area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height
+    name: ClassVar[str] = "rrc"
+    stream: ClassVar[int] = 6
+
+    def draw(self, n, g):  # (N, 22) float32 uniforms, turned into boxes once the image size is known
+        return warp.draw_resized_crops(n, g)
+
+    def __call__(self, x, y, params):
+        H, W = x.shape[2:]
+        boxes = warp.resized_crop_boxes(params, H, W, self.scale, self.ratio)
+        return warp.warp(x, warp.box_theta(boxes, H, W), padding="border"), y
+
+
+@dataclass
+class TrivialAugment(Op):
+    """Per sample one op of TrivialAugmentWide's 14 at a random strength (Müller & Hutter 2021); autoaugment.py."""
+
+    name: ClassVar[str] = "trivial"
+    stream: ClassVar[int] = 5
+
+    def draw(self, n, g):  # (N, 3) int64: op index, magnitude bin, sign bit
+        return autoaugment.draw(n, g)
+
+    def __call__(self, x, y, params):
+        return autoaugment.apply(x, params), y
+
+
+@dataclass
+class MixUpCutMix(Op):
+    """Mixup and/or CutMix with the previous sample of the batch; y becomes soft targets (B, classes) float32.
+
+    Beta(alpha, alpha) lambdas per sample, one of the two per sample when both are on; mixing.py."""
+
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0  # Beta alpha; 0 = off
+    num_classes: int = 2
+    name: ClassVar[str] = "mix"
+    stream: ClassVar[int] = 7
+
+    def draw(self, n, g):  # (N, 4) float32: lambda, CutMix flag, box centre y, x
+        return mixing.draw(n, g, self.mixup, self.cutmix)
+
+    def __call__(self, x, y, params):
+        return mixing.mix(x, y, params, self.num_classes)
+
+
 class Augment:
     """The ops, in order, under one seed; `for_epoch` draws an epoch's parameters of every op."""
 
@@ -155,17 +204,27 @@ class Augment:
         self.ops, self.seed = list(ops), seed
 
     @classmethod
-    def from_config(cls, cfg, seed: int) -> Augment | None:
-        """The ops `cfg` (a DataConfig) asks for; None when it asks for none."""
+    def from_config(cls, cfg, seed: int, num_classes: int = 0) -> Augment | None:
+        """The ops `cfg` (a DataConfig) asks for; None when it asks for none. num_classes: for mixup/CutMix."""
+        if not cfg.augment:
+            return None
         ops: list[Op] = []
-        if cfg.augment and cfg.crop_padding > 0:
+        if cfg.crop_padding > 0:
             ops.append(RandomCrop(cfg.crop_padding))
-        if cfg.augment and cfg.hflip:
+        if cfg.hflip:
             ops.append(HorizontalFlip())
-        if cfg.augment and (cfg.rotate_degrees > 0 or cfg.scale_jitter > 0):
+        if cfg.random_resized_crop:
+            ops.append(RandomResizedCrop(tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio)))
+        if cfg.rotate_degrees > 0 or cfg.scale_jitter > 0:
             ops.append(RandomAffine(cfg.rotate_degrees, cfg.scale_jitter))
-        if cfg.augment and cfg.cutout > 0:
+        if cfg.trivial_augment:
+            ops.append(TrivialAugment())
+        if cfg.cutout > 0:
             ops.append(Cutout(cfg.cutout))
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            if num_classes < 2:
+                raise ValueError("mixup/CutMix need the class count (num_classes)")
+            ops.append(MixUpCutMix(cfg.mixup, cfg.cutmix, num_classes))
         return cls(ops, seed) if ops else None
 
     def for_epoch(self, epoch: int, n: int) -> EpochAugment:

@@ -36,6 +36,7 @@ from toolkit.core.metrics import read_records
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
 from toolkit.train.ema import WeightEma
+from toolkit.train.mixing import CrossEntropy
 from toolkit.train.catalog import check_arch
 from toolkit.train.models import list_models
 from toolkit.train.optim import build_optimizer, lr_at, set_lr
@@ -145,8 +146,8 @@ def _set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
               meta=Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
                         resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash(),
                         extra={"train_command": rundir.command_line()} if rundir.command_line() else {}),
-              criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),  # ignores label -100
-              augment=Augment.from_config(cfg.data, cfg.seed),
+              criterion=CrossEntropy(cfg.train.label_smoothing),  # labels or mixed soft targets; ignores label -100
+              augment=Augment.from_config(cfg.data, cfg.seed, len(ds.classes)),
               total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs, ema=ema)
     if accelerator.is_main_process:
         rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None, st.branch, state_path)
