@@ -62,3 +62,31 @@ def test_train_export_predict_evaluate(tmp_path):
         assert result["correct"] == round(best["val_accuracy"] * 50)
         assert set(result["per_class"]) == {p.name for p in (data / "val").iterdir()}
     assert sum(r["top1_label"] == r["path"].split("/")[0] for r in rows) == result["correct"]
+
+
+@pytest.mark.parametrize("user_value", [None, "ACTIVE"])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(user_value):
+    """OMP_WAIT_POLICY is read once, when torch loads OpenMP: the command must set it before anything imports
+    torch (spinning threads made small trainings 10-60x slower beside another busy process)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Probe:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "sys.meta_path.insert(0, Probe())\n"
+        "from toolkit.cli import main\n"
+        "try:\n"
+        "    main(['train', 'configs/quickstart.yaml', 'data.kind=imagefolder', 'data.root=no/such/folder'])\n"
+        "finally:\n"
+        "    print('at torch import:', seen)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value:
+        env["OMP_WAIT_POLICY"] = user_value
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    assert f"at torch import: [{(user_value or 'PASSIVE')!r}]" in out

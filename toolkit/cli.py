@@ -353,7 +353,15 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
     return f"{package} is not installed: {what} needs the {extra} extra: pip install 'toolkit[{extra}]'"
 
 
+# OpenMP threads that wait for work sleep instead of spinning (read by libgomp when torch is imported, so
+# set before any command imports it). Spinning threads make a small model's steps 10-60x slower as soon as
+# another process shares the cores (measured by benchmarks/cpu_threads.py); an idle machine loses little.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    for key, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # the user's own setting wins
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("toolkit").setLevel(logging.INFO)
