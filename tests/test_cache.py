@@ -62,6 +62,22 @@ def test_key_covers_list_size_and_policy(tmp_path, files):
     assert cache.fingerprint(files, _cfg(tmp_path)) != base
 
 
+def test_an_entry_decoded_with_another_filter_is_never_reused(tmp_path, counted):
+    """bilinear and bicubic give other pixels on a downscaled noise image: each filter gets its own entry."""
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    bilinear, bicubic = _cfg(tmp_path), _cfg(tmp_path, "data.interpolation=bicubic")
+    assert cache.fingerprint([str(path)], bilinear) != cache.fingerprint([str(path)], bicubic)
+    x_lin, _ = cache.decode_cached([str(path)], bilinear)
+    x_cub, _ = cache.decode_cached([str(path)], bicubic)
+    assert counted == [1, 1]  # the second filter decoded again, not served the first one's entry
+    with Image.open(path) as img:
+        want = [np.asarray(img.resize((8, 8), f, box=(5, 0, 35, 30))).transpose(2, 0, 1)
+                for f in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)]
+    assert not np.array_equal(want[0], want[1])
+    assert np.array_equal(x_lin[0], want[0]) and np.array_equal(x_cub[0], want[1])
+
+
 def test_unreadable_cache_location_is_not_fatal(tmp_path, files):
     blocker = tmp_path / "c"
     blocker.write_text("a file where the cache folder should be")

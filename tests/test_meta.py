@@ -35,6 +35,8 @@ GOOD = Meta("tutorial_net", ["a", "b"], 32, "center_crop", [0.5] * 3, [0.25] * 3
     ("class_names", ["a", 3], "'class_names'"),
     ("class_names", "ab", "'class_names'"),
     ("resize", "stretch", "'resize'"),
+    ("interpolation", "lanczos", "'interpolation' = 'lanczos'; it must be bilinear or bicubic"),
+    ("interpolation", None, "'interpolation'"),
     ("input_dtype", "float64", "'input_dtype'"),
     ("channels", 4, "'channels'"),
     ("metrics", [], "'metrics'"),
@@ -48,11 +50,13 @@ def test_every_field_is_checked(field, value, message):
     assert str(e.value).startswith("'m.onnx' has metadata field") and len(str(e.value)) < 250
 
 
-def _with_meta(src, dst, **changes):
+def _with_meta(src, dst, drop=(), **changes):
     model = onnx.load(str(src))
     props = {p.key: p.value for p in model.metadata_props}
     meta = json.loads(props[META_KEY])
     meta.update(changes)
+    for key in drop:
+        del meta[key]
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
     onnx.save(model, str(dst))
@@ -76,12 +80,28 @@ def test_a_hostile_onnx_file_is_refused_by_every_reader(onnx_file, shapes_dir, t
     assert not (tmp_path / "p.csv").exists()
 
 
-def _with_header_meta(src, dst, **changes):
+def test_model_files_written_before_the_interpolation_field_read_as_bilinear(onnx_file, tiny_run, shapes_dir,
+                                                                               tmp_path):
+    """The filter every older file was decoded with; its predictions stay what they were."""
+    old = _with_meta(onnx_file, tmp_path / "old.onnx", drop=["interpolation"])
+    assert "interpolation" not in onnx.load(str(old)).metadata_props[0].value
+    assert read_meta(old).interpolation == "bilinear" == read_meta(onnx_file).interpolation
+    old_weights = _with_header_meta(tiny_run / "best.safetensors", tmp_path / "old.safetensors", drop=["interpolation"])
+    assert read_meta(old_weights).interpolation == "bilinear"
+    from toolkit.evaluate import evaluate_folder
+
+    assert evaluate_folder(old, shapes_dir / "val", workers=1) == {
+        **evaluate_folder(onnx_file, shapes_dir / "val", workers=1), "model": str(old)}
+
+
+def _with_header_meta(src, dst, drop=(), **changes):
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header["__metadata__"][META_KEY])
     meta.update(changes)
+    for key in drop:
+        del meta[key]
     header["__metadata__"][META_KEY] = json.dumps(meta)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)

@@ -115,11 +115,20 @@ def test_pretrained_defaults_replace_only_default_data_keys():
     cfg = apply_overrides(Config(), {"model": {"arch": "timm/vit_tiny_patch16_224", "pretrained": True}})
     changed = pretrained.apply_pretrained_defaults(cfg)
     assert cfg.data.image_size == 224 and cfg.data.mean == [0.5, 0.5, 0.5] and cfg.data.std == [0.5, 0.5, 0.5]
-    assert changed == ["data.image_size=224", "data.mean=0.5,0.5,0.5", "data.std=0.5,0.5,0.5"]
+    assert cfg.data.interpolation == "bicubic"  # timm's pretrained_cfg of this model
+    assert changed == ["data.image_size=224", "data.mean=0.5,0.5,0.5", "data.std=0.5,0.5,0.5",
+                       "data.interpolation=bicubic"]
     mine = apply_overrides(Config(), {"model": {"arch": "resnet10t", "pretrained": True},
                                       "data": {"image_size": 96, "mean": [0.1, 0.2, 0.3]}})
     pretrained.apply_pretrained_defaults(mine)
     assert mine.data.image_size == 96 and mine.data.mean == [0.1, 0.2, 0.3]  # the user's values stay
+    bilinear = apply_overrides(Config(), {"model": {"arch": "timm/dla34.in1k", "pretrained": True}})
+    assert "data.interpolation=bicubic" not in pretrained.apply_pretrained_defaults(bilinear)
+    assert bilinear.data.interpolation == "bilinear"
+    stated = apply_overrides(Config(), {"model": {"arch": "timm/dla34.in1k", "pretrained": True},
+                                        "data": {"interpolation": "bicubic"}})
+    pretrained.apply_pretrained_defaults(stated)
+    assert stated.data.interpolation == "bicubic"  # the user's filter stays
     assert pretrained.apply_pretrained_defaults(Config()) == []
 
 

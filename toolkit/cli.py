@@ -113,7 +113,8 @@ def _fallback(args) -> dict:
         except OSError as e:
             raise UserError(f"--classes file '{classes[1:]}' cannot be read ({e.strerror or e})") from None
     return {"classes": classes.split(",") if classes else None, "size": args.size,
-            "mean": floats(args.mean, "--mean"), "std": floats(args.std, "--std"), "resize": args.resize}
+            "mean": floats(args.mean, "--mean"), "std": floats(args.std, "--std"), "resize": args.resize,
+            **({"interpolation": args.interpolation} if args.interpolation != "bilinear" else {})}  # as older records
 
 
 def cmd_evaluate(args) -> None:
@@ -174,13 +175,13 @@ def cmd_preview(args) -> None:
 def cmd_inspect(args) -> None:
     from toolkit.core.pictures import inspect
 
-    size, resize, mean, std = args.size, args.resize, None, None
+    size, resize, mean, std, filt = args.size, args.resize, None, None, args.interpolation
     if args.model:
         from toolkit.core.meta import read_meta
 
         meta = read_meta(args.model)
-        size, resize, mean, std = meta.image_size, meta.resize, meta.mean, meta.std
-    print(inspect(args.image, size, resize, mean, std))
+        size, resize, mean, std, filt = meta.image_size, meta.resize, meta.mean, meta.std, meta.interpolation
+    print(inspect(args.image, size, resize, mean, std, filt))
 
 
 def cmd_report(args) -> None:
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(omit when normalisation is inside the graph)")
         g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
         g.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
+        g.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear", help="resize filter")
         g.add_argument("--outputs", choices=["logits", "probabilities", "log-probabilities"],
                        help="what the model outputs (default: read from the graph: a last Softmax or Sigmoid "
                             "gives probabilities, LogSoftmax log-probabilities, anything else logits)")
@@ -322,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     n = add("inspect", cmd_inspect, "an image as numbers: its pixels and the tensor a model sees",
             "toolkit inspect data/shapes/train/star/star_00000.png --model runs/quickstart")
     n.add_argument("image")
-    n.add_argument("--model", help="use this model's input size, resize policy, mean and std (.onnx or run dir)")
+    n.add_argument("--model", help="use this model's input size, resize policy and filter, mean and std (.onnx or "
+                                    "run dir)")
     n.add_argument("--size", type=int, default=32, help="side in pixels after resizing (without --model)")
     n.add_argument("--resize", choices=["center_crop", "squash"], default="center_crop")
+    n.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear", help="resize filter")
 
     rp = add("report", cmd_report, "write the report of a run again (e.g. one that was stopped before it finished)",
              "toolkit report runs/quickstart")

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from toolkit import UserError
-from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, MAX_PIXELS, short
+from toolkit.core.meta import (DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MAX_IMAGE_SIZE,
+                               MAX_PIXELS, short)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DataConfig:
     root: str = "data/shapes"  # shapes: generated here on first use when missing
     image_size: int = 32  # pixels; images are square after preprocessing
     resize: str = "center_crop"  # center_crop (shorter side, then crop) | squash (ignore aspect)
+    interpolation: str = DEFAULT_INTERPOLATION  # resize filter: bilinear | bicubic; model.pretrained: the model's own
     batch_size: int = 64  # per process; global batch = batch_size * processes * train.grad_accum
     drop_last: bool = False  # leave out each epoch's incomplete last batch (few images = noisy BatchNorm statistics)
     val_fraction: float = 0.1  # imagefolder without val/: seeded split of train/
@@ -131,6 +133,7 @@ class Config:
 CHOICES = {
     "data.kind": ("shapes", "imagefolder", "cifar10"),
     "data.resize": ("center_crop", "squash"),
+    "data.interpolation": INTERPOLATIONS,
     "data.cache": ("auto", "memory", "stream"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "onecycle", "constant"),

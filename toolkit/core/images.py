@@ -1,6 +1,6 @@
 """Image files: finding them, decoding them, and the one preprocessing definition.
 
-decode -> RGB uint8 -> resize (policy) is defined here once and used by training's
+decode -> RGB uint8 -> resize (policy, filter) is defined here once and used by training's
 validation, the export check and prediction, so that `predict` sees exactly the pixels
 that validation saw. Normalisation (mean/std) happens later, on the device or inside
 the exported graph. numpy and PIL only: predict imports this without torch.
@@ -23,9 +23,10 @@ from PIL import Image, ImageFile, ImageOps
 from toolkit.core import formats
 from toolkit.core.folders import Labelled, find_images, find_labelled, iter_images  # noqa: F401  (this module's API)
 from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (this module's API)
-from toolkit.core.meta import MAX_PIXELS, RESIZE_POLICIES  # the decoders' cap and the policies, also images.*
+from toolkit.core.meta import DEFAULT_INTERPOLATION, INTERPOLATIONS, MAX_PIXELS, RESIZE_POLICIES  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # Meta.interpolation -> PIL
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
@@ -146,30 +147,35 @@ def normalization(mean, std, scale: float = 1 / 255) -> tuple[np.ndarray, np.nda
     return (scale / std).astype(np.float32), (-mean / std).astype(np.float32)
 
 
-def resize(img: Image.Image, size: int, policy: str = "center_crop") -> np.ndarray:
+def resize(img: Image.Image, size: int, policy: str = "center_crop",
+           interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
     """RGB PIL image -> (size, size, 3) uint8.
 
     center_crop: scale the shorter side to `size` and cut the centre square.
     squash: scale both sides to `size`, ignoring the aspect ratio.
-    Downscaling is antialiased (PIL's bilinear filter widens with the scale).
+    interpolation: PIL's bilinear or bicubic filter (FILTERS); downscaling is antialiased (PIL's filters
+    widen with the scale). Raises ValueError for an unknown policy or filter.
     """
     w, h = img.size
+    if interpolation not in FILTERS:
+        raise ValueError(f"unknown interpolation '{interpolation}'; use one of {', '.join(FILTERS)}")
     if (w, h) != (size, size):
         if policy == "squash":
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
+            img = img.resize((size, size), FILTERS[interpolation])
         elif policy == "center_crop":  # resample only the centre square: no huge intermediate for thin images
             side = min(w, h)
             left, top = (w - side) / 2, (h - side) / 2
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+            img = img.resize((size, size), FILTERS[interpolation], box=(left, top, left + side, top + side))
         else:
             raise ValueError(f"unknown resize policy '{policy}'; use one of {', '.join(RESIZE_POLICIES)}")
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = MAX_PIXELS,
+         interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
     """The preprocessing definition: file (a path or its bytes) -> (size, size, 3) uint8 RGB. Raises DecodeError."""
     img = open_rgb(path, max_pixels=max_pixels, draft_size=size)
-    return resize(img, size, policy)
+    return resize(img, size, policy, interpolation)
 
 
 # --- decoding many files in parallel ---------------------------------------------------------
@@ -188,7 +194,7 @@ class Batch:
 
 
 def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels: int,
-                 blobs: list | None = None) -> Batch:
+                 blobs: list | None = None, interpolation: str = DEFAULT_INTERPOLATION) -> Batch:
     """Decode `paths` (relative to `root`) into one Batch; never raises for a bad file.
 
     `blobs`: the files' contents already read (object storage), one per path: bytes, or a
@@ -200,7 +206,7 @@ def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels
             source = os.path.join(root, rel) if blobs is None else blobs[i]
             if isinstance(source, DecodeError):
                 raise source
-            arrays.append(load(source, size, policy, max_pixels))
+            arrays.append(load(source, size, policy, max_pixels, interpolation))
             ok[i] = True
         except DecodeError as e:
             errors[i] = str(e)
@@ -267,9 +273,11 @@ class Decoder:
             yield pending.popleft().result()
 
     def batches(self, root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                batch_size: int = 64, max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
+                batch_size: int = 64, max_pixels: int = MAX_PIXELS,
+                interpolation: str = DEFAULT_INTERPOLATION) -> Iterator[Batch]:
         """Decode `paths` (relative to `root`) in batches of `batch_size`, in order."""
-        return self.map(decode_chunk, chunked(paths, batch_size), str(root), size, policy, max_pixels)
+        return self.map(decode_chunk, chunked(paths, batch_size), str(root), size, policy, max_pixels, None,
+                        interpolation)
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -281,7 +289,8 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 
 def decode_batches(root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                   batch_size: int = 64, workers: int | None = None, max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
+                   batch_size: int = 64, workers: int | None = None, max_pixels: int = MAX_PIXELS,
+                   interpolation: str = DEFAULT_INTERPOLATION) -> Iterator[Batch]:
     """Decoder(workers).batches(...) for one pass over `paths`."""
     with Decoder(workers) as decoder:
-        yield from decoder.batches(root, paths, size, policy, batch_size, max_pixels)
+        yield from decoder.batches(root, paths, size, policy, batch_size, max_pixels, interpolation)

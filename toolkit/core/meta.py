@@ -2,7 +2,7 @@
 
 It is stored in the safetensors header and in the ONNX metadata_props under the key
 `toolkit_meta`, and it is everything a runtime needs to use the model: class names in
-index order, the input contract (size, resize policy, mean/std, dtype, layout, whether
+index order, the input contract (size, resize policy and filter, mean/std, dtype, layout, whether
 normalisation is inside the graph), the metrics at save time and the config hash.
 JSON only: never str() and eval(). No torch here: predict reads it.
 """
@@ -19,6 +19,8 @@ from toolkit import UserError, __version__
 SCHEMA_VERSION = 1
 META_KEY = "toolkit_meta"
 RESIZE_POLICIES = ("center_crop", "squash")  # see core.images.resize
+INTERPOLATIONS = ("bilinear", "bicubic")  # resampling filters of the resize (PIL's, see core.images.FILTERS)
+DEFAULT_INTERPOLATION = "bilinear"  # the filter of every model file written before the field existed
 MAX_IMAGE_SIZE = 4096  # pixels per side; bounds what a model file (or a config) can make us allocate
 MAX_CLASSES = 100_000
 INPUT_DTYPES = ("float32", "uint8")
@@ -50,6 +52,7 @@ class Meta:
     resize: str  # center_crop | squash (see images.resize)
     mean: list[float]  # per channel, on the [0, 1] scale
     std: list[float]
+    interpolation: str = DEFAULT_INTERPOLATION  # bilinear | bicubic: the resize filter (absent in older files)
     channels: int = 3  # RGB
     layout: str = "NCHW"
     input_dtype: str = "float32"  # float32: pixels / 255 in [0, 1]; uint8: raw pixels 0..255
@@ -100,8 +103,8 @@ class Meta:
         def number(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("arch", "resize", "layout", "input_dtype", "input_name", "output_name", "config_hash",
-                     "toolkit_version"):
+        for name in ("arch", "resize", "interpolation", "layout", "input_dtype", "input_name", "output_name",
+                     "config_hash", "toolkit_version"):
             if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > 1000:
                 bad(name, "a short text")
         names = self.class_names
@@ -115,6 +118,8 @@ class Meta:
             bad("image_size", f"a whole number of pixels from 1 to {MAX_IMAGE_SIZE}")
         if self.resize not in RESIZE_POLICIES:
             bad("resize", " or ".join(RESIZE_POLICIES))
+        if self.interpolation not in INTERPOLATIONS:
+            bad("interpolation", " or ".join(INTERPOLATIONS))
         if self.input_dtype not in INPUT_DTYPES:
             bad("input_dtype", " or ".join(INPUT_DTYPES))
         if self.channels != 3 or self.layout != "NCHW":

@@ -253,7 +253,8 @@ def validation_grid(pixels: np.ndarray, truth: np.ndarray, predicted: np.ndarray
     grid(tiles, columns, title).save(out)
 
 
-def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=None, std=None) -> str:
+def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=None, std=None,
+            interpolation: str = images.DEFAULT_INTERPOLATION) -> str:
     """The tutorial's "an image is numbers" step: the file, its pixels, and the tensor a model sees."""
     path = Path(path)
     model_stats = mean is not None
@@ -264,7 +265,7 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
         with Image.open(path) as raw:
             fmt, mode, (w, h), frames = raw.format, raw.mode, raw.size, getattr(raw, "n_frames", 1)
         rgb = np.asarray(images.open_rgb(path))
-        x = images.load(path, size, resize)
+        x = images.load(path, size, resize, interpolation=interpolation)
     except images.DecodeError as e:
         raise UserError(f"'{path}' cannot be read as an image: {e}") from None
     except (OSError, Image.UnidentifiedImageError):
@@ -279,7 +280,7 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
         f"{rgb.min()}..{rgb.max()}",
         "top-left 4 x 4 pixels of the red channel:",
         "  " + str(rgb[:4, :4, 0]).replace("\n", "\n  "),
-        f"resized   {resize} to {size} x {size}: shape {x.shape}",
+        f"resized   {resize} ({interpolation}) to {size} x {size}: shape {x.shape}",
         f"tensor    (pixels / 255 - mean) / std, channels first: shape {tensor.shape}, dtype {tensor.dtype}",
         f"          mean {[round(float(v), 3) for v in mean]}, std {[round(float(v), 3) for v in std]}"
         + (" (the model's)" if model_stats else " (ImageNet statistics: no --model given; pass --model to use "

@@ -17,8 +17,6 @@ from toolkit import __version__
 from toolkit.core.files import printable
 from toolkit.core.meta import Meta
 
-INTERPOLATION = "bilinear"  # what core.images.resize uses
-
 
 def sidecars(out: Path) -> list[Path]:
     """The config.json and model card paths that belong to the ONNX file `out`."""
@@ -50,7 +48,7 @@ def pretrained_cfg(meta: Meta, onnx_name: str) -> dict:
             "num_classes": meta.num_classes,
             "label_names": list(meta.class_names),
             "input_size": [meta.channels, meta.image_size, meta.image_size],
-            "interpolation": INTERPOLATION,
+            "interpolation": meta.interpolation,  # the resize filter decoding used (core.images.FILTERS)
             "mean": list(meta.mean),  # what the network was trained with; the ONNX graph applies it itself
             "std": list(meta.std),
             "crop_pct": 1.0,  # center_crop: shorter side to input size, then the centre square; no border
@@ -58,7 +56,7 @@ def pretrained_cfg(meta: Meta, onnx_name: str) -> dict:
         },
         "toolkit": {"version": __version__, "arch": meta.arch, "model": onnx_name, "input_name": meta.input_name,
                     "input_dtype": meta.input_dtype, "layout": meta.layout, "normalize_in_graph": meta.normalize_in_graph,
-                    "resize": meta.resize, "metadata_schema": meta.schema},
+                    "resize": meta.resize, "interpolation": meta.interpolation, "metadata_schema": meta.schema},
     }
 
 
@@ -100,7 +98,8 @@ def model_card(out: Path, meta: Meta, report: dict, command: str, weights: Path)
         "", "## Files", "",
         f"- `{out.name}`: the model. Input `{meta.input_name}`: (batch, 3, {meta.image_size}, {meta.image_size}) "
         f"{meta.input_dtype} RGB, {'pixels / 255 in [0, 1]' if meta.input_dtype == 'float32' else 'pixels 0..255'}, "
-        f"after `{meta.resize}` resizing; the normalisation (mean {meta.mean}, std {meta.std}) is inside the graph. "
+        f"after `{meta.resize}` resizing ({meta.interpolation} filter); the normalisation (mean {meta.mean}, "
+        f"std {meta.std}) is inside the graph. "
         f"Output `{meta.output_name}`: (batch, {meta.num_classes}) logits in the class order below.",
         f"- `{out.with_suffix('.json').name}`: the export report (parity with torch, accuracy, latency, sha256).",
         f"- `{out.with_suffix('.config.json').name}`: the preprocessing in timm's `pretrained_cfg` vocabulary.",

@@ -84,7 +84,8 @@ def flat_metadata(meta: Meta) -> dict[str, str]:
     tools that show key/value pairs (Netron, other runtimes) and do not read the versioned record under META_KEY."""
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in {
         "class_names": meta.class_names, "num_classes": meta.num_classes, "image_size": meta.image_size,
-        "input_size": [meta.channels, meta.image_size, meta.image_size], "resize": meta.resize, "mean": meta.mean,
+        "input_size": [meta.channels, meta.image_size, meta.image_size], "resize": meta.resize,
+        "interpolation": meta.interpolation, "mean": meta.mean,
         "std": meta.std, "input_dtype": meta.input_dtype, "layout": meta.layout,
         "normalize_in_graph": meta.normalize_in_graph, "architecture": meta.arch}.items()}
 
@@ -102,10 +103,11 @@ def embed_meta(path: Path, meta: Meta, model_version: int = 1) -> int:
     model.model_version = model_version
     model.doc_string = (f"{meta.arch} image classifier, {meta.num_classes} classes; input '{meta.input_name}' "
                         f"(batch, 3, {meta.image_size}, {meta.image_size}) {meta.input_dtype} RGB "
-                        f"{'in [0, 1]' if meta.input_dtype == 'float32' else '0..255'}, {meta.resize} resize, "
+                        f"{'in [0, 1]' if meta.input_dtype == 'float32' else '0..255'}, {meta.resize} resize "
+                        f"({meta.interpolation}), "
                         f"normalisation inside the graph; output '{meta.output_name}' (batch, {meta.num_classes}) "
                         f"logits. Classes and preprocessing: metadata keys {META_KEY} (versioned JSON), class_names, "
-                        "mean, std, resize, image_size.")
+                        "mean, std, resize, interpolation, image_size.")
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return meta.extra["opset"]
@@ -316,7 +318,8 @@ def _report(model: Path, out: Path, meta: Meta, opset: int, check: dict, drift: 
         "input": {"name": meta.input_name, "dtype": input_dtype, "layout": meta.layout,
                   "shape": ["batch", 3, meta.image_size, meta.image_size],
                   "range": "0..1 (pixels / 255)" if input_dtype == "float32" else "0..255",
-                  "resize": meta.resize, "mean": meta.mean, "std": meta.std, "normalize_in_graph": True,
+                  "resize": meta.resize, "interpolation": meta.interpolation, "mean": meta.mean, "std": meta.std,
+                  "normalize_in_graph": True,
                   "channel_order": "RGB"},
         "classes": meta.class_names,
         "parity_vs_torch": check,

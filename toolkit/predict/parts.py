@@ -79,7 +79,8 @@ def check_same_run(record: dict, run: dict) -> None:
         raise UserError(f"the output was written with another model ({record.get('model')}); refusing to resume "
                         f"with '{run['model']}': predictions of two models would be mixed")
     for key, what in (("input_dir", "input folder"), ("world_size", "number of processes"), ("topk", "--topk"),
-                      ("max_pixels", "--max-pixels"), ("fallback", "--classes/--size/--mean/--std/--resize"),
+                      ("max_pixels", "--max-pixels"),
+                      ("fallback", "--classes/--size/--mean/--std/--resize/--interpolation"),
                       ("format", "output format"), ("outputs", "--outputs"), ("chunk_size", "--chunk-size")):
         if record.get(key) != run.get(key):
             raise UserError(f"the output was written with another {what} ({record.get(key)!r}, now {run.get(key)!r}); "

@@ -54,7 +54,7 @@ class ChunkPredictor:
                 decoded = [_unpack(batch, i, meta.image_size)]
             else:
                 paths = [os.fsdecode(p) for p in batch["paths"][i]]
-                decoded = (self.source.decode(sub, meta.image_size, meta.resize, self.max_pixels)
+                decoded = (self.source.decode(sub, meta.image_size, meta.resize, self.max_pixels, meta.interpolation)
                            for sub in images.chunked(paths, self.batch_size))
             rows = []
             for b in decoded:
@@ -66,11 +66,11 @@ class ChunkPredictor:
 
 
 def decode_chunks(batch: dict[str, np.ndarray], source: Location, size: int, policy: str,
-                  max_pixels: int) -> dict[str, np.ndarray]:
+                  max_pixels: int, interpolation: str) -> dict[str, np.ndarray]:
     """A Ray task (GPU runs): decode whole chunks into packed uint8 pixels for the GPU actors."""
     out = {"chunk": [], "paths": [], "pixels": [], "ok": [], "errors": []}
     for chunk, paths in zip(batch["chunk"], batch["paths"]):
-        b = source.decode([os.fsdecode(p) for p in paths], size, policy, max_pixels)
+        b = source.decode([os.fsdecode(p) for p in paths], size, policy, max_pixels, interpolation)
         out["chunk"].append(chunk)
         out["paths"].append(list(paths))
         out["pixels"].append(b.pixels.tobytes())  # (k, size, size, 3) uint8, k = ok.sum()

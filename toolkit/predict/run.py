@@ -59,12 +59,14 @@ def _answer(paths: list[str], source: Location, model: str, fallback: dict | Non
     if model not in _SESSIONS:
         _load_session(model, fallback, outputs)
     clf = _SESSIONS[model]
-    return _rows(clf, source.decode(paths, clf.meta.image_size, clf.meta.resize, max_pixels), topk)
+    m = clf.meta
+    return _rows(clf, source.decode(paths, m.image_size, m.resize, max_pixels, m.interpolation), topk)
 
 
-def _decode(paths: list[str], source: Location, size: int, policy: str, max_pixels: int) -> images.Batch:
+def _decode(paths: list[str], source: Location, size: int, policy: str, max_pixels: int,
+            interpolation: str) -> images.Batch:
     """In a worker (GPU runs): decode only."""
-    return source.decode(paths, size, policy, max_pixels)
+    return source.decode(paths, size, policy, max_pixels, interpolation)
 
 
 def _process() -> tuple[int, int, int, int]:
@@ -289,7 +291,8 @@ def _answer_files(source: Location, target: Path, run: dict, rank: int, world: i
                                       outputs, topk, max_pixels)
             else:  # one GPU session here; the workers only decode
                 answers = (_rows(clf, b, topk) for b in decoder.map(_decode, images.chunked(files, batch_size), source,
-                                                                    clf.meta.image_size, clf.meta.resize, max_pixels))
+                                                                    clf.meta.image_size, clf.meta.resize, max_pixels,
+                                                                    clf.meta.interpolation))
             for rows in answers:
                 writer.write(rows)
                 for row in rows:

@@ -14,7 +14,7 @@ import numpy as np
 
 from toolkit import UserError
 from toolkit.core import images
-from toolkit.core.meta import META_KEY, Meta
+from toolkit.core.meta import DEFAULT_INTERPOLATION, META_KEY, Meta
 from toolkit.core.onnxfile import NotOnnx, OnnxFile
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -100,7 +100,8 @@ def resolve_outputs(stated: str | None, detected: str) -> str:
     return stated
 
 
-def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std, resize: str) -> Meta:
+def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std, resize: str,
+                 interpolation: str = DEFAULT_INTERPOLATION) -> Meta:
     """A Meta for an ONNX classifier exported elsewhere, from what the user states and the graph shows."""
     if not classes:
         raise UserError("this model has no toolkit metadata; pass --classes (and --size, --mean, --std if "
@@ -119,10 +120,11 @@ def foreign_meta(session, classes: list[str] | None, size: int | None, mean, std
         raise UserError(f"--classes names {len(classes)} classes but the model has {outputs_n} outputs")
     dtype = "uint8" if session.get_inputs()[0].type == "tensor(uint8)" else "float32"
     meta = Meta(arch="external", class_names=list(classes), image_size=int(size), resize=resize,
+                interpolation=interpolation,
                 mean=list(mean or [0.0] * 3), std=list(std or [1.0] * 3), input_dtype=dtype,
                 normalize_in_graph=mean is None and std is None, input_name=session.get_inputs()[0].name,
                 output_name=session.get_outputs()[0].name)
-    meta.validate("the model as described by --classes/--size/--mean/--std")
+    meta.validate("the model as described by --classes/--size/--mean/--std/--interpolation")
     return meta
 
 

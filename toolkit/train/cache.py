@@ -1,8 +1,8 @@
 """Decode a list of image files once, in parallel, into one uint8 array, cached on disk.
 
 The cache key is a fingerprint of everything that decides the pixels: the file list with
-each file's size and modification time, the image size, the resize policy and the pixel
-cap. A changed, added or removed file changes the key, so a stale cache is never served.
+each file's size and modification time, the image size, the resize policy and filter, and the
+pixel cap. A changed, added or removed file changes the key, so a stale cache is never served.
 Location: data.cache_dir, else $TOOLKIT_CACHE_DIR, else ~/.cache/toolkit (XDG_CACHE_HOME
 respected). Entries are written to a temporary folder and renamed, so a crash never
 leaves a half-written entry that looks complete. The marker records the shape and byte size
@@ -43,7 +43,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def fingerprint(files: list[str], cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels]).encode())
+    h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels, cfg.interpolation]).encode())
     for f in files:
         name = os.fsencode(os.path.abspath(f))  # file names need not be UTF-8: hash their bytes
         try:
@@ -61,7 +61,8 @@ def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tup
     ok = np.zeros(len(files), dtype=bool)
     pos = 0
     bar = progress_bar(len(files), f"decoding {len(files)} images")
-    for batch in images.decode_batches("", files, size, cfg.resize, CHUNK, workers, cfg.max_image_pixels):
+    for batch in images.decode_batches("", files, size, cfg.resize, CHUNK, workers, cfg.max_image_pixels,
+                                       cfg.interpolation):
         n = len(batch.paths)
         ok[pos : pos + n] = batch.ok
         out[pos : pos + n][batch.ok] = batch.pixels.transpose(0, 3, 1, 2)

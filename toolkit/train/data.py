@@ -80,7 +80,8 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         from PIL import Image
 
         def resize_all(x):
-            return np.stack([images.resize(Image.fromarray(a), cfg.image_size, cfg.resize) for a in x])
+            return np.stack([images.resize(Image.fromarray(a), cfg.image_size, cfg.resize, cfg.interpolation)
+                             for a in x])
 
         xtr, xva = resize_all(xtr), resize_all(xva)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
@@ -160,7 +161,8 @@ def sample_images(split: Split, cfg: DataConfig, indices) -> tuple[torch.Tensor,
     out, kept = [], []
     for i in indices.tolist():
         try:
-            out.append(torch.from_numpy(images.load(split.files[i], cfg.image_size, cfg.resize, cfg.max_image_pixels)))
+            out.append(torch.from_numpy(images.load(split.files[i], cfg.image_size, cfg.resize, cfg.max_image_pixels,
+                                                    cfg.interpolation)))
             kept.append(i)
         except images.DecodeError:
             continue
@@ -256,7 +258,8 @@ class FileImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            a = images.load(self.files[i], self.cfg.image_size, self.cfg.resize, self.cfg.max_image_pixels)
+            c = self.cfg
+            a = images.load(self.files[i], c.image_size, c.resize, c.max_image_pixels, c.interpolation)
             return torch.from_numpy(a).permute(2, 0, 1), self.labels[i]
         except images.DecodeError as e:
             log.warning("skipping %s: %s", self.files[i], e)

@@ -87,7 +87,7 @@ def usable_by_probe(files: Files, cfg: DataConfig) -> np.ndarray:
         if usable[c]:
             continue
         try:
-            images.load(path, cfg.image_size, cfg.resize, cfg.max_image_pixels)
+            images.load(path, cfg.image_size, cfg.resize, cfg.max_image_pixels, cfg.interpolation)
             usable[c] = True
         except images.DecodeError:
             pass

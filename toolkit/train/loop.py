@@ -144,7 +144,8 @@ def _set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
               val_src=data.BatchSource(ds.val, cfg.data, device, workers),
               val_shards=data.eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size)),
               meta=Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
-                        resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std, config_hash=cfg.hash(),
+                        resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std,
+                        interpolation=cfg.data.interpolation, config_hash=cfg.hash(),
                         extra={"train_command": rundir.command_line()} if rundir.command_line() else {}),
               criterion=CrossEntropy(cfg.train.label_smoothing),  # labels or mixed soft targets; ignores label -100
               augment=Augment.from_config(cfg.data, cfg.seed, len(ds.classes)),

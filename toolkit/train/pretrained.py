@@ -10,7 +10,8 @@
 Never pickle: only .safetensors files are read (timm's own hub files are safetensors when the hub has
 them, and it reads any other with torch's weights_only loader).
 
-The pretrained model's input size, mean and std become the data defaults (`apply_pretrained_defaults`).
+The pretrained model's input size, mean, std and resize filter (interpolation) become the data defaults
+(`apply_pretrained_defaults`), so they travel in the Meta to export and predict.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from toolkit import UserError
 from toolkit.config import Config, DataConfig, ModelConfig
+from toolkit.core.meta import INTERPOLATIONS
 from toolkit.train.models import create_model, timm_name
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ def pretrained_cfg(arch: str) -> dict | None:
 
 
 def apply_pretrained_defaults(cfg: Config) -> list[str]:
-    """With model.pretrained, the pretrained model's input size, mean and std replace the data defaults.
+    """With model.pretrained, the pretrained model's input size, mean, std and interpolation replace the data
+    defaults.
 
     Only keys still at their defaults change (an explicit data.image_size=32 equal to the default is
     taken as a default too: a documented limit). Returns what changed, for the log.
@@ -62,6 +65,14 @@ def apply_pretrained_defaults(cfg: Config) -> list[str]:
         if len(value) == 3 and getattr(cfg.data, key) == getattr(default, key) and value != getattr(cfg.data, key):
             setattr(cfg.data, key, value)
             changed.append(f"data.{key}={','.join(f'{v:g}' for v in value)}")
+    filt = pcfg.get("interpolation") or default.interpolation
+    if cfg.data.interpolation == default.interpolation and filt != cfg.data.interpolation:
+        if filt in INTERPOLATIONS:
+            cfg.data.interpolation = filt
+            changed.append(f"data.interpolation={filt}")
+        else:  # e.g. 'nearest' or 'random': not a filter predict reproduces
+            log.warning("model.pretrained: the model's interpolation '%s' is not one of %s; keeping %s", filt,
+                        ", ".join(INTERPOLATIONS), cfg.data.interpolation)
     return changed
 
 
