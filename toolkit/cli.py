@@ -121,7 +121,7 @@ def cmd_evaluate(args) -> None:
     from toolkit.evaluate import evaluate_folder, format_result
 
     result = evaluate_folder(args.model, args.data_dir, batch_size=args.batch_size, fallback=_fallback(args),
-                             outputs=args.outputs)
+                             outputs=args.outputs, files=args.files)
     if args.json:
         import json
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data_dir", help="folder with one subfolder of images per class")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--files", help="only the images this list names (one <class>/<file> per line, relative to "
+                                   "DATA_DIR), e.g. a run's test_files.txt")
 
     x = add("export", cmd_export, "export weights to a verified ONNX file with embedded metadata",
             "toolkit export runs/quickstart -o exported/quickstart.onnx")

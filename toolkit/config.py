@@ -36,6 +36,7 @@ class DataConfig:
     batch_size: int = 64  # per process; global batch = batch_size * processes * train.grad_accum
     drop_last: bool = False  # leave out each epoch's incomplete last batch (few images = noisy BatchNorm statistics)
     val_fraction: float = 0.1  # imagefolder without val/: seeded split of train/
+    test_fraction: float = 0.0  # no test/ folder: this part of train/ (seeded, per class) is tested once at the end
     augment: bool = True  # random crop with padding + horizontal flip, on whole batches
     crop_padding: int = 4  # pixels of zero padding around the random crop
     hflip: bool = True  # random horizontal flip with p=0.5
@@ -316,6 +317,9 @@ def _validate(cfg: Config) -> None:
                         f"got {short(cfg.data.num_workers)}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"config key 'data.val_fraction' must be between 0 and 1; got {short(cfg.data.val_fraction)}")
+    if not 0.0 <= cfg.data.test_fraction <= 0.5 or (cfg.data.test_fraction and cfg.data.kind == "cifar10"):
+        raise UserError(f"config key 'data.test_fraction' must be from 0 to 0.5 (the part of the training images held "
+                        f"out as a test set; image folders only); got {short(cfg.data.test_fraction)}")
     for key in ("data.mean", "data.std"):
         value = getattr(cfg.data, key.split(".")[1])
         if len(value) != 3:

@@ -43,22 +43,28 @@ def _scorer(model: str | Path, fallback: dict | None = None, outputs: str | None
 
 
 def evaluate_folder(model: str | Path, data_dir: str | Path, batch_size: int = 64, workers: int | None = None,
-                    fallback: dict | None = None, outputs: str | None = None) -> dict:
+                    fallback: dict | None = None, outputs: str | None = None, files: str | Path | None = None) -> dict:
     """{'accuracy', 'n', 'correct', 'per_class', 'confusion', 'classes', 'failed'} for `model` on `data_dir`.
 
-    `outputs` (ONNX only): what the model outputs, as for predict; None: read from the graph."""
+    `outputs` (ONNX only): what the model outputs, as for predict; None: read from the graph.
+    `files`: a file list (core.folders.read_file_list, e.g. a run's test_files.txt): only these images of
+    `data_dir`, each named as <class>/<file> relative to it; UserError when one is not an image there."""
     with images.Decoder(workers) as decoder:  # fork the decoders before a runtime starts its threads
         meta, predict = _scorer(model, fallback, outputs)
-        return _evaluate(decoder, meta, predict, model, data_dir, batch_size)
+        return _evaluate(decoder, meta, predict, model, data_dir, batch_size, files)
 
 
-def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
+def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int, files=None) -> dict:
     try:
         found = images.find_labelled(data_dir)  # folders without an image file (e.g. __MACOSX) are no classes
     except FileNotFoundError:
         raise UserError(f"data folder '{data_dir}' does not exist") from None
     folder_classes, paths, labels = found.classes, found.paths, found.labels
-    unknown = sorted(set(folder_classes) - set(meta.class_names))
+    if files is not None:
+        paths, labels = _listed(files, data_dir, paths, labels)
+        used = set(labels)  # a class folder the list does not touch need not be one the model knows
+        folder_classes = [c if i in used else None for i, c in enumerate(folder_classes)]
+    unknown = sorted(set(folder_classes) - set(meta.class_names) - {None})
     if unknown:
         raise UserError(f"'{data_dir}' has class folders the model does not know: {', '.join(unknown[:5])}")
     if not paths:
@@ -66,7 +72,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
                         + (f" (skipped {formats.describe_skipped(found.skipped)})" if found.skipped else ""))
     if found.skipped:
         log.info("skipped %s: not an image format this decoder reads", formats.describe_skipped(found.skipped))
-    to_model = np.array([meta.class_names.index(c) for c in folder_classes])
+    to_model = np.array([meta.class_names.index(c) if c is not None else -1 for c in folder_classes])
     truth = to_model[np.asarray(labels)]
     k = meta.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -83,6 +89,21 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int) -> dict:
     return {"model": str(model), "data": str(data_dir), "accuracy": float(np.trace(confusion) / n) if n else 0.0,
             "n": n, "correct": int(np.trace(confusion)), "failed": failed, "per_class": per_class,
             "classes": meta.class_names, "confusion": confusion.tolist()}
+
+
+def _listed(files, data_dir, paths: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    """The paths (and labels) of `data_dir` that the file list `files` names, in walk order."""
+    from toolkit.core.folders import read_file_list
+
+    wanted = set(read_file_list(files))
+    if not wanted:
+        raise UserError(f"file list '{files}' names no file")
+    missing = sorted(wanted - set(paths))
+    if missing:
+        raise UserError(f"file list '{files}' names {len(missing)} file(s) that are not images in class folders of "
+                        f"'{data_dir}', e.g. '{missing[0]}'")
+    keep = [i for i, p in enumerate(paths) if p in wanted]
+    return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
 def format_result(r: dict) -> str:

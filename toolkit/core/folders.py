@@ -138,3 +138,23 @@ def find_labelled(root: str | Path, exclude: tuple[str, ...] = ()) -> Labelled:
         found.labels += [len(found.classes)] * len(files)
         found.classes.append(name)
     return found
+
+
+def write_file_list(path: str | Path, rels: list[str]) -> None:
+    """Write image paths relative to a folder, one per line, as the file system spells them (names need not be
+    UTF-8), atomically. A name holding a line break cannot be listed: ValueError (callers never list one)."""
+    from toolkit.core.files import write_atomic
+
+    if any("\n" in r for r in rels):
+        raise ValueError("a file name with a line break cannot be listed")
+    write_atomic(path, "".join(r + "\n" for r in rels))
+
+
+def read_file_list(path: str | Path) -> list[str]:
+    """The paths of a file list: write_file_list's format, or any text file of one relative path per line
+    (blank lines skipped). Raises UserError when it cannot be read."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"file list '{path}' cannot be read ({e.strerror or e})") from None
+    return [os.fsdecode(line) for line in raw.split(b"\n") if line.strip()]

@@ -11,11 +11,52 @@ import numpy as np
 from toolkit.core.files import append_jsonl, read_jsonl, rewrite_jsonl
 
 METRICS = "metrics.jsonl"  # in the run folder: one record per evaluation, appended
+TEST_RECORD = "test.json"  # in the run folder: the released weights on the untouched test set (train/heldout.py)
+TEST_FILES = "test_files.txt"  # in the run folder: the held-out training images of data.test_fraction
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
     """The metrics records of a run, in order; a line torn by a crash or a full disk is left out."""
     return read_jsonl(Path(run_dir) / METRICS)
+
+
+def run_figures(run_dir: str | Path) -> dict:
+    """The figures a run reports, from its files; every report (log, report.md, model card, export report)
+    takes them from here. {} for a run without an evaluation.
+
+    best_*: the epoch with the highest validation accuracy, the one released as best.safetensors
+    (selected_on: "validation", so optimistic for new images); last_*: the last evaluated epoch;
+    test_*: the best weights on the untouched test set (test.json), when there is one for that epoch.
+    """
+    import json
+
+    records = read_records(run_dir)
+    if not records:
+        return {}
+    best = max(records, key=lambda r: r["val_accuracy"])  # the first of equals, as training keeps it
+    out = {"selected_on": "validation", "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+           "val_count": best["val_count"], "last_epoch": records[-1]["epoch"],
+           "last_val_accuracy": records[-1]["val_accuracy"]}
+    try:
+        test = json.loads((Path(run_dir) / TEST_RECORD).read_text())
+    except (OSError, ValueError):  # none, or damaged: no test figure rather than a wrong one
+        test = None
+    if isinstance(test, dict) and test.get("epoch") == best["epoch"]:  # of these best weights, not older ones
+        out.update({k: test.get(k) for k in ("test_accuracy", "test_count", "test_source", "command")})
+    return out
+
+
+def figures_text(fig: dict) -> str:
+    """One sentence of run_figures: best (chosen on validation), last and, when there is one, test accuracy."""
+    if not fig:
+        return "no evaluation yet"
+    text = (f"best val accuracy {100 * fig['best_val_accuracy']:.2f}% at epoch {fig['best_epoch']} (the epoch chosen "
+            f"on validation, so optimistic for new images); last epoch ({fig['last_epoch']}) "
+            f"{100 * fig['last_val_accuracy']:.2f}%")
+    if fig.get("test_accuracy") is not None:
+        text += (f"; test accuracy {100 * fig['test_accuracy']:.2f}% on {fig['test_count']} untouched images of "
+                 f"{fig['test_source']} (best weights; never trained or selected on)")
+    return text
 
 
 def append_record(run_dir: str | Path, record: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from toolkit import __version__
 from toolkit.core.files import printable
 from toolkit.core.meta import Meta
+from toolkit.core.metrics import run_figures
 
 
 def sidecars(out: Path) -> list[Path]:
@@ -82,6 +83,27 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def figures_of(meta: Meta, weights: Path) -> dict | None:
+    """The run's figures (core.metrics.run_figures: best, last, test) when `weights` are its best epoch's."""
+    fig = run_figures(weights.parent)
+    return fig if fig and fig["best_epoch"] == meta.metrics.get("epoch") else None
+
+
+def _accuracy_lines(meta: Meta, weights: Path, out: Path) -> list[str]:
+    m, fig = meta.metrics or {}, figures_of(meta, weights)
+    if fig is None:  # weights without their run, or not the best epoch's
+        return [f"- validation accuracy when the weights were saved: {_pct(m.get('val_accuracy'))} on "
+                f"{m.get('val_count', '?')} images (epoch {m.get('epoch', '?')}; micro: correct / images)"]
+    command = str(fig.get("command")).replace(" MODEL ", f" {shlex.quote(str(out))} ", 1)  # this very file
+    test = (f"- test accuracy: {_pct(fig['test_accuracy'])} on {fig['test_count']} untouched images of "
+            f"{printable(str(fig['test_source']))}, never trained or selected on (`{printable(command)}`)"
+            if fig.get("test_accuracy") is not None else
+            "- test accuracy: none (no untouched test set: a `test/` folder or `data.test_fraction` gives one)")
+    return [f"- validation accuracy: {_pct(fig['best_val_accuracy'])} on {fig['val_count']} images at epoch "
+            f"{fig['best_epoch']}, the epoch chosen on validation (so optimistic for new images); last epoch "
+            f"({fig['last_epoch']}): {_pct(fig['last_val_accuracy'])} (micro: correct / images)", test]
+
+
 def model_card(out: Path, meta: Meta, report: dict, command: str, weights: Path) -> str:
     """The model card: what it is, the data, the classes, the metrics and the commands that made it."""
     m, val = meta.metrics or {}, report.get("validation") or {}
@@ -106,8 +128,7 @@ def model_card(out: Path, meta: Meta, report: dict, command: str, weights: Path)
         "", "## Data", "",
         f"- trained on: {data.get('kind', '?')} data at `{data.get('root', '?')}`" if data else "- trained on: unknown "
         "(the weights were exported without their run directory)",
-        f"- validation accuracy when the weights were saved: {_pct(m.get('val_accuracy'))} on {m.get('val_count', '?')} "
-        f"images (epoch {m.get('epoch', '?')}; micro: correct / images)",
+        *_accuracy_lines(meta, weights, out),
         f"- this export checked on {val.get('images', '?')} images ({val.get('source', '?')}): accuracy "
         f"{_pct(val.get('onnx_accuracy'))} (torch: {_pct(val.get('torch_accuracy'))}); max logit difference to "
         f"torch {report.get('parity_vs_torch', {}).get('max_logit_diff', float('nan')):.2e}",

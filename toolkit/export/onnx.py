@@ -331,5 +331,6 @@ def _report(model: Path, out: Path, meta: Meta, opset: int, check: dict, drift: 
                                  for b in (1, 64)},
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "metrics_at_save": meta.metrics,
+        "run_figures": card.figures_of(meta, weights_path(checkpoint)),  # best (chosen on validation), last, test
     }
     return report

@@ -50,6 +50,16 @@ class Dataset:
     val: Split
     val_dir: str | None  # folder of class subfolders holding the validation images, if any
     fingerprint: str = ""  # of the class list, the file lists and the labels (see fingerprint())
+    test: Split | None = None  # files of the untouched test set (test/ or data.test_fraction), decoded at the end
+    test_dir: str | None = None  # the folder the test files are relative to
+    test_source: str = ""  # where the test set comes from, in words
+
+
+def _with_test(ds: Dataset, files: imagefolder.Files) -> Dataset:
+    if files.test:
+        ds.test = Split(torch.from_numpy(files.test_labels), files=files.test)
+        ds.test_dir, ds.test_source = files.test_dir, files.test_source
+    return ds
 
 
 def fingerprint(classes: list[str], root: str, *splits) -> str:
@@ -123,10 +133,10 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: b
         _check_val(files, cfg)
         log.info("streaming %d + %d images from disk (decoded size %.1f GB)", len(files.train), len(files.val),
                  decoded_gb)
-        return Dataset(files.classes, Split(torch.from_numpy(files.train_labels), files=files.train),
-                       Split(torch.from_numpy(files.val_labels), files=files.val), files.val_dir,
-                       fingerprint(files.classes, cfg.root, (files.train, files.train_labels),
-                                   (files.val, files.val_labels)))
+        return _with_test(Dataset(files.classes, Split(torch.from_numpy(files.train_labels), files=files.train),
+                                  Split(torch.from_numpy(files.val_labels), files=files.val), files.val_dir,
+                                  fingerprint(files.classes, cfg.root, (files.train, files.train_labels),
+                                              (files.val, files.val_labels))), files)
     from toolkit.train.cache import decode_cached
 
     if workers is None and cfg.num_workers >= 0:
@@ -143,8 +153,9 @@ def load_dataset(cfg: DataConfig, seed: int, workers: int | None = None, make: b
         x = np.array(x) if use.all() else x[use]  # one in-memory copy (the cache is memory-mapped)
         labels = kept.train_labels if paths is files.train else kept.val_labels
         splits.append(Split(torch.from_numpy(labels[ok[mask]]), torch.from_numpy(x)))
-    return Dataset(kept.classes, splits[0], splits[1], kept.val_dir,
-                   fingerprint(kept.classes, cfg.root, (kept.train, kept.train_labels), (kept.val, kept.val_labels)))
+    return _with_test(Dataset(kept.classes, splits[0], splits[1], kept.val_dir,
+                              fingerprint(kept.classes, cfg.root, (kept.train, kept.train_labels),
+                                          (kept.val, kept.val_labels))), kept)
 
 
 def _check_val(files: imagefolder.Files, cfg: DataConfig) -> None:

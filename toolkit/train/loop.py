@@ -32,7 +32,7 @@ import toolkit.train.validate as validate
 from toolkit import UserError
 from toolkit.config import Config
 from toolkit.core.meta import Meta
-from toolkit.core.metrics import read_records
+from toolkit.core.metrics import figures_text, run_figures
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
 from toolkit.train.ema import WeightEma
@@ -257,27 +257,21 @@ def _log_estimate(run: Run, epoch: int, per_step_s: float) -> None:
 
 
 def _finish_run(run: Run) -> None:
-    """The run report (main process), then every process leaves together."""
+    """The untouched test figure and the run report (main process), then every process leaves together."""
     st, run_dir = run.state, run.run_dir
     if run.accelerator.is_main_process and (run_dir / "best.safetensors").is_file():
+        heldout.test_accuracy(run_dir, run.cfg, run.ds, run.accelerator.device)  # before the report, which shows it
         validation = report.validation_predictions(run_dir, run.ds.val, run.cfg.data, run.accelerator.device)
         report.write_report(run_dir, run.ds.classes, st.best_confusion, st.best_epoch, validation)
-        last = (read_records(run_dir) or [{"val_accuracy": st.best_accuracy}])[-1]  # a torn last line left out
-        log.info("best val accuracy %.2f%% at epoch %d (the epoch chosen on validation, so optimistic for new "
-                 "images); last epoch %.2f%%; %d non-finite steps skipped", 100 * st.best_accuracy, st.best_epoch,
-                 100 * last["val_accuracy"], st.nonfinite_skipped)
-        test = heldout.test_accuracy(run_dir, run.cfg, run.ds.classes, run.accelerator.device)
-        if test:
-            log.info("test accuracy %.2f%% on %d untouched images of %s (best weights; never trained or selected "
-                     "on)", 100 * test["test_accuracy"], test["test_count"], test["test_dir"])
+        log.info("%s; %d non-finite steps skipped", figures_text(run_figures(run_dir)), st.nonfinite_skipped)
     rundir.finish(run.accelerator)
 
 
 def _log_start(run: Run) -> None:
     cfg, ds, accelerator = run.cfg, run.ds, run.accelerator
-    log.info("run %s: %d train / %d val images, %d classes, model %s, %d process(es) on %s, precision %s",
-             run.run_dir, len(ds.train), len(ds.val), len(ds.classes), cfg.model.arch, accelerator.num_processes,
-             accelerator.device.type, accelerator.mixed_precision)
+    log.info("run %s: %d train / %d val%s images, %d classes, model %s, %d process(es) on %s, precision %s",
+             run.run_dir, len(ds.train), len(ds.val), f" / {len(ds.test)} test" if ds.test else "", len(ds.classes),
+             cfg.model.arch, accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
     log.info("global batch = %d per process x %d processes x %d accumulation = %d images; %d steps per epoch",
              cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum, global_batch,

@@ -2,7 +2,8 @@
 
 A run writes its report when it finishes; one that was stopped (preempted, interrupted, killed)
 has weights and metrics but no report. This rebuilds it from best.safetensors, metrics.jsonl,
-config.yaml and the run's data as it is on disk (never generated or downloaded here).
+config.yaml and the run's data as it is on disk (never generated or downloaded here), and measures
+the untouched test figure when the run has a test set but no test.json for its best weights.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 import torch
 
 import toolkit.train.data as data
+import toolkit.train.heldout as heldout
 import toolkit.train.report as report
 from toolkit import UserError
 from toolkit.config import load_config
 from toolkit.core.checkpoint import newest_state, weights_file
 from toolkit.core.lock import Lock
-from toolkit.core.metrics import read_records
+from toolkit.core.metrics import figures_text, read_records, run_figures
 from toolkit.train.rundir import LOCK
 from toolkit.train.validate import evaluate
 from toolkit.train.weights import build_model
@@ -61,4 +63,8 @@ def rebuild_report(run_dir: str | Path) -> Path:
         raise UserError(f"'{run_dir / 'metrics.jsonl'}' holds no evaluation; nothing to report")
     validation = report.validation_predictions(run_dir, ds.val, cfg.data, device)
     with Lock(run_dir / LOCK, f"run folder '{run_dir}'"):  # never beside a training that writes this folder
-        return report.write_report(run_dir, ds.classes, confusion, epoch, validation)
+        if ds.test is not None and "test_accuracy" not in run_figures(run_dir):  # stopped before its test figure
+            heldout.test_accuracy(run_dir, cfg, ds, device)
+        out = report.write_report(run_dir, ds.classes, confusion, epoch, validation)
+    log.info("%s", figures_text(run_figures(run_dir)))
+    return out

@@ -210,10 +210,13 @@ def choose(summary: FolderSummary, cfg: Config, gpu: bool | None = None) -> tupl
     gpu = _has_gpu() if gpu is None else gpu
     why: list[str] = []
     n, k = summary.num_train, len(summary.classes)
-    n_fit = n if summary.layout.val else int(n * (1 - cfg.data.val_fraction))
+    held = 0.0 if summary.layout.test else cfg.data.test_fraction  # data.test_fraction's test set: never trained on
+    n_fit = int(n * (1 - held) * (1 if summary.layout.val else 1 - cfg.data.val_fraction))
     cfg.data.kind, cfg.data.root = "imagefolder", str(summary.root)
     why.append(f"data: {n:,} training images in {k} classes ({min(summary.counts)}-{max(summary.counts)} per "
-               f"class), median short side {summary.short_side} px; {summary.layout.note}")
+               f"class), median short side {summary.short_side} px; {summary.layout.note}"
+               + (f"; {held:.0%} of them held out as the test set (data.test_fraction), {n_fit:,} to train on"
+                  if held else ""))
     small = summary.short_side <= SMALL_SIDE
     if small:
         size = max(8, summary.short_side)

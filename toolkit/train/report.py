@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.core.files import printable, writing
-from toolkit.core.metrics import format_table, per_class_rows, read_records
+from toolkit.core.metrics import format_table, per_class_rows, read_records, run_figures
 
 
 def _pyplot():
@@ -172,6 +172,7 @@ def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, 
     records = records or [{"epoch": epoch, "val_accuracy": 0.0, "val_count": 0, "epoch_time_s": 0.0,
                            "images_per_s": 0.0}]  # metrics.jsonl lost: the report still says what it can
     best = max(records, key=lambda r: r["val_accuracy"])
+    fig = run_figures(run_dir) or {"last_epoch": epoch, "last_val_accuracy": best["val_accuracy"]}
     speed = sorted(r["images_per_s"] for r in records)[len(records) // 2]
     _, macro = accuracies(rows)
     worst = sorted((r for r in rows if r["accuracy"] is not None), key=lambda r: r["accuracy"])[:3]
@@ -180,7 +181,13 @@ def _markdown(run_dir: Path, records: list[dict], rows: list[dict], epoch: int, 
         f"# {printable(run_dir.name)}", "",
         f"- best validation accuracy (micro: correct / images): **{100 * best['val_accuracy']:.2f}%** at epoch "
         f"{epoch} ({best['val_count']} validation images); macro (mean of the per-class accuracies): "
-        f"{100 * macro:.2f}%",
+        f"{100 * macro:.2f}%. The released weights are this epoch's, chosen on validation, so the figure is "
+        "optimistic for new images",
+        f"- last epoch ({fig['last_epoch']}): validation accuracy {100 * fig['last_val_accuracy']:.2f}%",
+        f"- test accuracy: **{100 * fig['test_accuracy']:.2f}%** on {fig['test_count']} untouched images of "
+        f"{fig['test_source']} (best weights; never trained or selected on; `{fig['command']}`)"
+        if fig.get("test_accuracy") is not None else "- test accuracy: no test set (a `test/` folder beside the "
+        "validation folder, or `data.test_fraction`, gives an untouched figure)",
         f"- epochs run: {records[-1]['epoch']}; training time {sum(r['epoch_time_s'] for r in records):.1f} s; "
         f"median {speed:,.0f} training images/s",
         "- weakest classes: " + ", ".join(f"{r['class']} {100 * r['accuracy']:.1f}%" for r in worst), "",
