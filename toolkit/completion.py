@@ -1,8 +1,8 @@
 """Shell completion generated from the command-line parser: commands, their options, and config keys.
 
 Own code rather than a generic generator because it also completes the config keys of
-`toolkit train` and `toolkit config` (`optim.l<TAB>` -> `optim.lr=`), which only config.py
-knows, and because it adds no dependency to the predict-only base install.
+`toolkit train` and `toolkit config` (`optim.l<TAB>` -> `optim.lr=`), which only the config
+schema knows, and because it adds no dependency to the predict-only base install.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The config keys for people: each key's default and one-line comment, and the resolved YAML.
 
-The comments are read from the trailing comments of the fields in config.py, the one place
+The comments are read from the trailing comments of the fields in config/schema.py, the one place
 they are written (nanoGPT style: every default has its comment beside it). Reading the
 source keeps that single place; a field without a comment fails tests/test_config_docs.py.
 No torch, no numpy: `toolkit train --help` and `toolkit config` start fast.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-import toolkit.config as config
+import toolkit.config.schema as schema
 
 
 def _field_comments() -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the trailing comment of the field's last line in config.py."""
-    source = Path(config.__file__).read_text()
+    """(class name, field name) -> the trailing comment of the field's last line in config/schema.py."""
+    source = Path(schema.__file__).read_text()
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     found = {}
@@ -47,7 +47,7 @@ def keys() -> list[tuple[str, typing.Any, str]]:
             else:
                 out.append((prefix + f.name, value, comments.get((type(obj).__name__, f.name), "")))
 
-    walk(config.Config(), "")
+    walk(schema.Config(), "")
     return out
 
 
@@ -83,7 +83,7 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def resolved_yaml(cfg: config.Config, source: str = "") -> str:
+def resolved_yaml(cfg: schema.Config, source: str = "") -> str:
     """`cfg` as YAML that load_config reads back to an equal Config, each key with its comment."""
     comments = {key: comment for key, _, comment in keys()}
     text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, width=10_000)

@@ -11,7 +11,7 @@ before it in its batch: mixing.py). Adding an op never changes the draws of the 
 Fast path: the leading random crop and flip are done as one gather straight from the
 device-resident dataset (`crop_flip`); further ops run on the gathered batch.
 
-Adding an op takes a class and a line in `Augment.from_config`, behind a new `data.*` key in config.py
+Adding an op takes a class and a line in `Augment.from_config`, behind a new `data.*` key in config/schema.py
 (documented by its trailing comment). `Cutout` below is the whole pattern: fields for its settings, a
 `name`, a `stream` id never used before (the other ops keep their draws; never renumber one), `draw(n,
 g)` making the epoch's (N, k) table from its own generator (row i: sample i), and `__call__(x, y,
