@@ -29,7 +29,7 @@ from toolkit.core import formats, images
 from toolkit.core.lock import Lock, lock_path
 from toolkit.core.progress import progress_bar
 from toolkit.predict.ray_workers import ChunkPredictor, decode_chunks
-from toolkit.predict.parts import check_same_run
+from toolkit.predict.parts import check_same_run, resume_or_overwrite
 from toolkit.predict.runtime import OnnxClassifier, external_data_files, resolve_outputs, validate_model
 from toolkit.predict.storage import Location, sha256_file
 
@@ -185,20 +185,13 @@ def _prepare(lay: dataset.Layout, record: dict | None, run: dict, resume: bool, 
     """Check what an earlier run left behind: resume it, replace it (--overwrite), or refuse. Never lose rows."""
     earlier = [x for x in (lay.record if record else None, lay.output if lay.merged and lay.output.exists() else None,
                            lay.parts if dataset.done_chunks(lay.parts) else None) if x is not None]
-    if overwrite:
+    if resume_or_overwrite(earlier, record, run, resume, overwrite, str(lay.record)) == "overwrite":
         for x in earlier:
             if x is lay.parts and not lay.merged:  # the user's dataset folder: only our part files go
                 for chunk in dataset.done_chunks(lay.parts):
                     lay.parts.child(dataset.part_name(chunk)).remove()
             else:
                 x.remove()
-    elif resume and record:
-        check_same_run(record, run)
-    elif resume and earlier:
-        raise UserError(f"'{earlier[0]}' has no run record ({lay.record}), so it cannot be checked against this "
-                        "model; use --overwrite or a new output")
-    elif earlier:
-        raise UserError(f"'{earlier[0]}' already exists; pass --resume to continue it or --overwrite to replace it")
 
 
 def run_chunks(todo: list[tuple[int, list[str]]], model: Path, sha256: str, meta, fallback: dict | None,

@@ -87,21 +87,38 @@ def check_same_run(record: dict, run: dict) -> None:
                             "resume with the same settings, or use --overwrite or a new output")
 
 
+def resume_or_overwrite(earlier: list, record: dict | None, run: dict, resume: bool, overwrite: bool,
+                        record_name: str) -> str:
+    """What to do with what an earlier run left behind, for both engines; never loses rows.
+
+    `earlier`: the earlier run's outputs that exist (the first is named in errors); `record`: its run
+    record, or None; `record_name`: where that record would be, for the message. Returns "overwrite"
+    (--overwrite, which wins over --resume: the caller removes `earlier`), "resume" (--resume with a
+    record of the same run; UserError from check_same_run when it is another model, input or setting) or
+    "new" (nothing there, or --resume of nothing). Raises UserError for --resume of outputs without a
+    record, and for existing outputs without --resume or --overwrite.
+    """
+    if overwrite:
+        return "overwrite"
+    if resume and record:
+        check_same_run(record, run)
+        return "resume"
+    if resume and earlier:
+        raise UserError(f"'{earlier[0]}' has no run record ({record_name}), so it cannot be checked against this "
+                        "model; use --overwrite or a new output")
+    if earlier:
+        raise UserError(f"'{earlier[0]}' already exists; pass --resume to continue it or --overwrite to replace it")
+    return "new"
+
+
 def prepare(out: Path, sidecar: Path, target: Path, rank: int, resume: bool, overwrite: bool,
-             record: dict | None, run: dict) -> None:
+            record: dict | None, run: dict) -> None:
     """Check what an earlier run left behind: resume it, replace it (--overwrite), or refuse. Never lose rows."""
     mine = dict.fromkeys([target] + ([out, sidecar, staging_path(out)] if rank == 0 else []))  # its own files
     earlier = [p for p in mine if p.exists()]
-    if overwrite:
+    if resume_or_overwrite(earlier, record, run, resume, overwrite, sidecar.name) == "overwrite":
         for p in earlier:
             p.unlink()
-    elif resume and record:
-        check_same_run(record, run)
-    elif resume and earlier:
-        raise UserError(f"'{earlier[0]}' has no run record ({sidecar.name}), so it cannot be checked against this "
-                        "model; use --overwrite or a new output")
-    elif earlier:
-        raise UserError(f"'{earlier[0]}' already exists; pass --resume to continue it or --overwrite to replace it")
     marker_path(target).unlink(missing_ok=True)
 
 
