@@ -90,3 +90,12 @@ def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(user_
         env["OMP_WAIT_POLICY"] = user_value
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT).stdout
     assert f"at torch import: [{(user_value or 'PASSIVE')!r}]" in out
+
+
+def test_every_subcommand_has_its_command():
+    """parser.py defines the subcommands and commands.py runs them: the two lists name the same ones."""
+    from toolkit.cli import build_parser
+    from toolkit.cli.commands import COMMANDS
+    from toolkit.completion import _subcommands
+
+    assert list(_subcommands(build_parser())) == list(COMMANDS)
