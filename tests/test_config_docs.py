@@ -27,7 +27,7 @@ def errors(proc) -> list[str]:
 def test_every_key_has_a_comment_and_the_help_shows_it_with_its_default():
     documented = keys()
     assert [k for k, _, _ in documented] == valid_keys()
-    assert not [k for k, _, c in documented if not c], "give each field in config.py a trailing comment"
+    assert not [k for k, _, c in documented if not c], "give each field in config/schema.py a trailing comment"
     help_text = run_toolkit("train", "--help").stdout
     line = next(line for line in help_text.splitlines() if line.strip().startswith("optim.lr="))
     assert line.split()[0] == "optim.lr=0.05" and "peak learning rate, reached after warmup" in line
