@@ -29,8 +29,13 @@ demo: $(VENV)/.train
 	echo "run: $$run (report: $$run/report/report.md)  model: exported/quickstart.onnx  predictions: $$run/predictions.csv"; \
 	echo "seconds: train (with data generation) $$((t1-t0)), export $$((t2-t1)), predict $$((t3-t2)), evaluate $$((t4-t3))"
 
+# The whole suite on every core (pytest-xdist), a test file per worker at a time: a file's fixtures are made
+# once (trained models, reference runs, one local Ray) and its tests run in their order. Files holding slow
+# tests are handed out first (tests/conftest.py), in that order (--no-loadscope-reorder). At most 8 workers:
+# past that the longest file sets the time. One file or test: `.venv/bin/python -m pytest tests/test_x.py`.
+TEST_WORKERS ?= auto
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs exported/*.onnx

@@ -15,11 +15,6 @@ from toolkit.train.data import Normalize
 from toolkit.train.weights import build_model
 
 
-@pytest.fixture(scope="module")
-def onnx_file(tiny_run, tmp_path_factory):
-    return export.export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
-
-
 def test_file_is_self_describing_with_a_dynamic_batch(onnx_file, tiny_run):
     model = onnx.load(str(onnx_file))
     props = {p.key: p.value for p in model.metadata_props}

@@ -66,11 +66,6 @@ def test_stale_temporary_files_are_removed_only_when_their_process_is_gone(tmp_p
 # --- the doors ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def onnx_file(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
-
-
 def test_predict_refuses_an_output_another_process_is_writing(onnx_file, shapes_dir, tmp_path):
     out = tmp_path / "p.csv"
     owner = hold_in_another_process(lock_path(out))

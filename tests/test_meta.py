@@ -14,11 +14,6 @@ from toolkit.core.meta import META_KEY, Meta, read_meta
 from toolkit.export import export
 
 
-@pytest.fixture(scope="module")
-def onnx_file(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
-
-
 GOOD = Meta("tutorial_net", ["a", "b"], 32, "center_crop", [0.5] * 3, [0.25] * 3)
 
 

@@ -23,11 +23,6 @@ def one_line_error(proc, *needles):
     return lines[-1]
 
 
-@pytest.fixture(scope="module")
-def onnx_file(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exp") / "tiny.onnx")
-
-
 # --- export ---------------------------------------------------------------------------------
 
 

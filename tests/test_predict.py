@@ -375,10 +375,23 @@ def test_decode_workers_die_with_their_parent(onnx_file, shapes_dir, tmp_path):
     assert len(children) >= 2, "the decode workers did not start"
     proc.kill()
     proc.wait()
-    time.sleep(1.0)
-    alive = [c for c in children if Path(f"/proc/{c}").exists() and "Z" not in
-             Path(f"/proc/{c}/stat").read_text().split()[2]]
-    assert not alive, f"orphaned workers: {alive}"
+
+    def alive() -> list[str]:
+        return [c for c in children if _running(c)]
+    # an orphan never ends by itself (it waits for work forever); a worker not yet scheduled since the fork
+    # (a busy machine, pytest -n) notices its dead parent when it first runs: poll instead of one fixed wait
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(), f"orphaned workers: {alive()}"
+
+
+def _running(pid: str) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def test_bad_launcher_environment_and_class_file(onnx_file, shapes_dir, tmp_path, monkeypatch):

@@ -184,11 +184,16 @@ def _many(shapes_dir: Path, root: Path, copies: int) -> Path:
 
 
 def _actor_pids() -> set[int]:
-    """Processes of this machine that hold a ChunkPredictor actor (Ray names its workers after it)."""
+    """Processes that hold a ChunkPredictor actor (Ray names its workers after it) of this process's Ray: their
+    parent is the raylet this process started. Another test process's Ray (pytest -n) is left alone."""
+    def parent(pid) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
     pids = set()
     for p in Path("/proc").iterdir():
         try:
-            if p.name.isdigit() and b"ChunkPredictor" in (p / "cmdline").read_bytes():
+            if p.name.isdigit() and b"ChunkPredictor" in (p / "cmdline").read_bytes() and \
+                    parent(parent(p.name)) == os.getpid():
                 pids.add(int(p.name))
         except OSError:
             pass

@@ -21,6 +21,8 @@ from conftest import ROOT
 FAULTS = str(ROOT / "tests" / "faults.py")
 FLOAT64 = str(ROOT / "tests" / "float64.py")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# port 0: the launcher takes a free port, so jobs that run at the same time (pytest -n) never meet on 29500
+LAUNCHER = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"), "--main_process_port", "0"]
 pytestmark = pytest.mark.slow
 
 
@@ -33,8 +35,7 @@ def launch(args, procs: int, fault: dict | None = None, timeout: float = 240, fl
     if procs == 1:
         cmd = [sys.executable, *entry, *args]
     else:
-        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"),
-               "--num_processes", str(procs), *entry, *args]
+        cmd = [*LAUNCHER, "--num_processes", str(procs), *entry, *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", **{k: str(v) for k, v in (fault or {}).items()}}
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, start_new_session=True)
@@ -166,8 +167,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch(shapes_dir, tmp_pa
 def test_processes_that_did_not_join_are_refused(shapes_dir, tmp_path):
     env_backup = os.environ.pop("ACCELERATE_USE_CPU", None)
     try:
-        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"), "-m", "toolkit",
-               *train_args(shapes_dir, tmp_path, "run")]
+        cmd = [*LAUNCHER, "-m", "toolkit", *train_args(shapes_dir, tmp_path, "run")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, start_new_session=True,
                               env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
     finally:
@@ -194,7 +194,7 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shapes_dir, 
     stubs = _slurm_stubs(tmp_path / "bin", log)
     env = {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_JOB_ID": "42", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "2",
-           "SLURM_JOB_NODELIST": "node1", "ACCELERATE_USE_CPU": "true"}
+           "SLURM_JOB_NODELIST": "node1", "ACCELERATE_USE_CPU": "true", "MAIN_PORT": "0"}  # 0: a free port
     args = [str(ROOT / "configs/quickstart.yaml"), "name=slurm", f"data.root={shapes_dir}",
             f"train.out_dir={tmp_path}", "data.batch_size=8", "train.epochs=30", "train.checkpoint_every=5",
             "train.progress=false"]
@@ -244,8 +244,7 @@ def _alive(pid: int) -> bool:
 
 def test_workers_die_with_their_launcher_and_a_restart_resumes(shapes_dir, tmp_path):
     args = train_args(shapes_dir, tmp_path, "run", "train.epochs=40")
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_ddp.yaml"), "--num_processes", "2",
-           "-m", "toolkit", *args]
+    cmd = [*LAUNCHER, "--num_processes", "2", "-m", "toolkit", *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     launcher = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
