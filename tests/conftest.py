@@ -27,6 +27,20 @@ def _isolated_cache(tmp_path_factory):
     os.environ["TOOLKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _quick_latency():
+    """Exports made in the test process time 5 runs per batch size (after 3 warm-up runs) instead of running for
+    half a second: no test checks a speed (benchmarks/ measure speed), and the half seconds were about half the
+    CPU of each of the suite's exports. Exports by a `toolkit export` process keep the full measurement."""
+    import functools
+
+    import toolkit.export.variants as variants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(variants, "latency", functools.partial(variants.latency, budget_s=0.0))
+        yield
+
+
 def run_toolkit(*args, check: bool = True, env: dict | None = None, timeout: float = 300, cwd=None, preexec_fn=None):
     """Run `python -m toolkit ARGS` in a fresh process; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True,
@@ -60,22 +74,44 @@ def tiny_run(shapes_dir, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run where CUDA is available and are skipped elsewhere. Under pytest-xdist the files
-    with the most `slow` tests come first (make test hands out whole files in collection order), so no long
-    file starts last while the other workers stand idle; a file's own tests keep their order."""
+    """Tests marked `gpu` run where CUDA is available and are skipped elsewhere. Under pytest-xdist the longest
+    files come first (make test hands out whole files in collection order), so no long file starts last while
+    the other workers stand idle; a file's own tests keep their order."""
     import torch
 
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and must order, the same way
-        slow = {}
+        measured = config.cache.get(FILE_SECONDS, {}) if getattr(config, "cache", None) else {}
+        guess: dict[str, float] = {}  # a file never measured: 20 s per slow test
         for item in items:
-            slow[item.path] = slow.get(item.path, 0) + ("slow" in item.keywords)
-        items.sort(key=lambda item: -slow[item.path])  # stable
+            guess[_file(item)] = guess.get(_file(item), 0) + 20 * ("slow" in item.keywords)
+        seconds = {path: measured.get(path, g) for path, g in guess.items()}
+        items.sort(key=lambda item: -seconds[_file(item)])  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Seconds each test file took in the last run that ran it (pytest's cache, .pytest_cache/): the order above.
+FILE_SECONDS = "toolkit/file_seconds"
+_file_seconds: dict[str, float] = {}
+
+
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the process that sees every test: xdist's controller, or the one
+        _file_seconds[_file(report)] = _file_seconds.get(_file(report), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    cache = getattr(session.config, "cache", None)
+    if cache is not None and _file_seconds and not os.environ.get("PYTEST_XDIST_WORKER"):
+        cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **{k: round(v, 1) for k, v in _file_seconds.items()}})
 
 
 def two_colours(root, n: int = 24, size: int = 16):

@@ -8,12 +8,16 @@ kill   SIGKILL the whole process group (launcher and every process) right before
 raise  an exception on one process
 term   SIGTERM to the launcher (or to this process when there is none), as SLURM or a scheduler would
 nan    one non-finite loss on one process
-stop   SIGSTOP one process (stuck: alive, silent, holding its sockets)
+stop   one process stops taking part and sleeps (stuck: alive, silent, holding its sockets), SIGTERM left to its
+       default action: when another process fails, the launcher's SIGTERM ends it at once. (A SIGSTOPped
+       process would wait for the SIGKILL that follows 30 s later, a grace that TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+       does not shorten on this path.)
 """
 
 import os
 import signal
 import sys
+import time
 
 import toolkit.train.loop as train_module
 from toolkit.cli import main
@@ -33,7 +37,9 @@ def lr_at(step, *args):  # called once per optimizer step, after backward, befor
             launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
             os.kill(launcher, signal.SIGTERM)
         elif KIND == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the stop-signal handler would only wait for a next step
+            while True:
+                time.sleep(3600)
     return real_lr_at(step, *args)
 
 

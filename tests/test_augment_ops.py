@@ -211,7 +211,7 @@ def test_a_short_training_runs_with_each_option(opts, shapes_dir, tmp_path):
 def test_two_processes_train_with_every_new_op_and_resume_exactly(shapes_dir, tmp_path):
     """2 gloo processes with TrivialAugment, random-resized-crop, mixup and CutMix: killed mid-epoch and
     resumed, the weights equal an uninterrupted run's (the mixing pairs and draws are functions of the epoch)."""
-    from test_resume import assert_same_weights, launch, ok, train_args
+    from jobs import assert_same_weights, launch, ok, train_args
 
     extra = ["data.trivial_augment=true", "data.random_resized_crop=true", "data.mixup=0.4", "data.cutmix=1.0",
              "train.label_smoothing=0.1"]

@@ -195,7 +195,7 @@ class TrainPlan:
     optimizer step never straddles two epochs. The two are equal in exact arithmetic; in
     float32 they round differently (another batch size and thread count), and a ReLU input
     within that rounding of zero passes a gradient in one run only, so the weights can part
-    by more than rounding. tests/test_resume.py compares them in float64.
+    by more than rounding. tests/test_processes.py compares them in float64.
 
     With drop_last, an epoch's incomplete last batch is left out (a random few samples each epoch,
     as DataLoader(drop_last=True)): a batch of a few images gives BatchNorm noisy statistics.
