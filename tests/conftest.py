@@ -80,11 +80,11 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and must order, the same way
-        measured = config.cache.get(FILE_SECONDS, {}) if getattr(config, "cache", None) else {}
-        guess: dict[str, float] = {}  # a file never measured: 20 s per slow test
+        measured = config.cache.get(TEST_SECONDS, {}) if getattr(config, "cache", None) else {}
+        seconds: dict[str, float] = {}  # per file; a test never measured: 20 s if slow, else 0.5 s
         for item in items:
-            guess[_file(item)] = guess.get(_file(item), 0) + 20 * ("slow" in item.keywords)
-        seconds = {path: measured.get(path, g) for path, g in guess.items()}
+            guess = 20.0 if "slow" in item.keywords else 0.5
+            seconds[_file(item)] = seconds.get(_file(item), 0.0) + measured.get(item.nodeid, guess)
         items.sort(key=lambda item: -seconds[_file(item)])  # stable
     if torch.cuda.is_available():
         return
@@ -94,9 +94,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Seconds each test file took in the last run that ran it (pytest's cache, .pytest_cache/): the order above.
-FILE_SECONDS = "toolkit/file_seconds"
-_file_seconds: dict[str, float] = {}
+# Seconds each test took (setup, call and teardown) the last time it ran: pytest's cache, .pytest_cache/.
+TEST_SECONDS = "toolkit/test_seconds"
+_test_seconds: dict[str, float] = {}
 
 
 def _file(item) -> str:
@@ -105,13 +105,13 @@ def _file(item) -> str:
 
 def pytest_runtest_logreport(report):
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # the process that sees every test: xdist's controller, or the one
-        _file_seconds[_file(report)] = _file_seconds.get(_file(report), 0.0) + report.duration
+        _test_seconds[report.nodeid] = _test_seconds.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session):
     cache = getattr(session.config, "cache", None)
-    if cache is not None and _file_seconds and not os.environ.get("PYTEST_XDIST_WORKER"):
-        cache.set(FILE_SECONDS, {**cache.get(FILE_SECONDS, {}), **{k: round(v, 1) for k, v in _file_seconds.items()}})
+    if cache is not None and _test_seconds and not os.environ.get("PYTEST_XDIST_WORKER"):
+        cache.set(TEST_SECONDS, {**cache.get(TEST_SECONDS, {}), **{k: round(v, 2) for k, v in _test_seconds.items()}})
 
 
 def two_colours(root, n: int = 24, size: int = 16):

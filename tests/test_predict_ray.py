@@ -1,7 +1,8 @@
 """The Ray engine and object storage: the same rows as the built-in engine, exactly once under faults.
 
-One local Ray (num_cpus=2, like the smallest machine it must not deadlock on) serves the whole session;
-a moto S3 server on 127.0.0.1 stands in for object storage.
+One local Ray (num_cpus=2, like the smallest machine it must not deadlock on) serves the tests of this file
+and stops after them (its idle processes kept a tenth of a core busy for the rest of the session); a moto S3
+server on 127.0.0.1 stands in for object storage.
 """
 
 import json
@@ -26,9 +27,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 BATCH, CHUNK = 4, 8  # chunks are whole batches: the same batches as the built-in engine, the same numbers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address():
-    """A local Ray for the session: 2 CPUs, a small object store; -> its address (for other drivers)."""
+    """A local Ray for this file's tests: 2 CPUs, a small object store; -> its address (for other drivers)."""
     import logging
 
     import ray
