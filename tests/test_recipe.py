@@ -72,7 +72,11 @@ def test_large_images_are_resized_down_to_a_modest_size(tmp_path, monkeypatch):
     root = _folder(tmp_path / "photos", ["box", "bar"], side=300, per_class=4, layout="", height=200)
     summary = recipe.scan_folder(root)
     assert summary.short_side == 200 and summary.train_dir == root and summary.layout.val is None
-    assert recipe.choose(summary, Config(), gpu=False)[0].data.image_size == recipe.PHOTO_SIZE_CPU
+    cpu = recipe.choose(summary, Config(), gpu=False)[0]
+    assert cpu.data.image_size == recipe.PHOTO_SIZE_CPU
+    # translation + affine, not random-resized-crop, and no mixup: neither measured better on photos
+    assert cpu.data.crop_padding > 0 and cpu.data.rotate_degrees > 0 and not cpu.data.random_resized_crop
+    assert cpu.train.epochs >= recipe.MIXUP_FROM_EPOCHS and cpu.data.mixup == 0
     assert recipe.choose(summary, Config(), gpu=True)[0].data.image_size == recipe.PHOTO_SIZE_GPU
 
 
@@ -88,6 +92,10 @@ def test_budget_sets_epochs_and_width(tmp_path):
     summary.counts = [400, 400]  # a small dataset takes many passes but never more than it can use
     small, _ = recipe.choose(summary, apply_overrides(Config(), {"train": {"budget_minutes": 600}}), gpu=False)
     assert small.train.epochs == recipe._useful_epochs(720) > 20
+    # mixup only where runs are long enough for it to pay (measured on digits at 84 epochs)
+    assert small.train.epochs >= recipe.MIXUP_FROM_EPOCHS and small.data.mixup == recipe.MIXUP_ALPHA > 0
+    assert plenty.train.epochs < recipe.MIXUP_FROM_EPOCHS and plenty.data.mixup == 0 == short.data.mixup
+    assert small.data.cutmix == 0 and not small.data.trivial_augment
 
 
 def test_overrides_win_and_the_cli_accepts_a_folder(tmp_path):

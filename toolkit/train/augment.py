@@ -156,9 +156,9 @@ class RandomResizedCrop(Op):
         return warp.draw_resized_crops(n, g)
 
     def __call__(self, x, y, params):
-        H, W = x.shape[2:]
-        boxes = warp.resized_crop_boxes(params, H, W, self.scale, self.ratio)
-        return warp.warp(x, warp.box_theta(boxes, H, W), padding="border"), y
+        H, W = x.shape[2:]  # boxes on the CPU: float64 rounding, which not every device has
+        boxes = warp.resized_crop_boxes(params.cpu(), H, W, self.scale, self.ratio)
+        return warp.warp(x, warp.box_theta(boxes, H, W).to(x.device), padding="border"), y
 
 
 @dataclass
