@@ -10,7 +10,7 @@ import torch
 from toolkit import UserError
 from toolkit.core import images
 from toolkit.core.meta import META_KEY, Meta, read_meta
-from toolkit.export import onnx as export
+from toolkit.export import release as export
 from toolkit.train.data import Normalize
 from toolkit.train.weights import build_model
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_toolkit
 from toolkit import UserError
 from toolkit.core.meta import read_meta
-from toolkit.export import onnx as export
+from toolkit.export import release as export
 
 
 @pytest.fixture(scope="module")

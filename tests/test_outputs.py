@@ -27,10 +27,10 @@ def one_line_error(proc, *needles):
 
 
 def test_export_to_a_folder_or_under_a_file_fails_before_the_work(tiny_run, tmp_path, monkeypatch):
-    import toolkit.export.onnx as onnx_export
+    import toolkit.export.release as release
 
     traced = []
-    monkeypatch.setattr(onnx_export, "to_onnx", lambda *a, **k: traced.append(1))
+    monkeypatch.setattr(release, "to_onnx", lambda *a, **k: traced.append(1))
     (tmp_path / "existing").mkdir()
     with pytest.raises(UserError, match="is a folder; give a file name"):
         export(tiny_run, tmp_path / "existing")

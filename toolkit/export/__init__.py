@@ -4,7 +4,11 @@
 
 
 def __getattr__(name: str):
-    if name in ("export", "exportable", "to_onnx", "default_output", "ExportMismatch"):
+    if name in ("export", "default_output"):
+        from toolkit.export import release
+
+        return getattr(release, name)
+    if name in ("exportable", "to_onnx", "ExportMismatch"):
         from toolkit.export import onnx
 
         return getattr(onnx, name)
