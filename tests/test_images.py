@@ -122,6 +122,23 @@ def test_walk_is_deterministic_recursive_and_case_insensitive(tmp_path):
     assert list(images.iter_images(tmp_path)) == images.find_images(tmp_path)
 
 
+@pytest.mark.parametrize("root", ["d", "d/", "./d", "d/../d", "/", ".", "", "d//e", "/tmp/x/../d"])
+def test_per_folder_path_helpers_give_exactly_what_os_path_and_pathlib_give(root, monkeypatch, tmp_path):
+    # The data and cache fingerprints are built from these strings: a different spelling would make every
+    # existing cache entry and resume state look as if its data had changed.
+    from pathlib import Path
+
+    from toolkit.core import folders
+
+    monkeypatch.chdir(tmp_path)
+    rels = ["a/x.png", "a/y.png", "b/c/z.png", "b/c/..x.png", "w.png"]
+    files = folders.under(root or ".", rels)
+    assert files == [str(Path(root or ".") / r) for r in rels]
+    assert folders.abspaths(files) == [os.path.abspath(f) for f in files]
+    for start in (".", "d", "/", "d/a", os.getcwd(), "/tmp"):
+        assert folders.relpaths(files, start) == [os.path.relpath(f, start) for f in files]
+
+
 def test_decode_batches_keeps_order_and_reports_each_file(tmp_path):
     rng = np.random.default_rng(0)
     names = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.config import DataConfig
-from toolkit.core import images
+from toolkit.core import folders, images
 from toolkit.core.lock import remove_stale_temps
 from toolkit.core.progress import progress_bar
 
@@ -44,8 +44,8 @@ def cache_root(cfg: DataConfig) -> Path:
 def fingerprint(files: list[str], cfg: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels, cfg.interpolation]).encode())
-    for f in files:
-        name = os.fsencode(os.path.abspath(f))  # file names need not be UTF-8: hash their bytes
+    for f, full in zip(files, folders.abspaths(files)):
+        name = os.fsencode(full)  # file names need not be UTF-8: hash their bytes
         try:
             st = os.stat(f)
             h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

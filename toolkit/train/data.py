@@ -27,7 +27,7 @@ import torch
 from toolkit import UserError
 from toolkit.config import DataConfig
 import toolkit.train.imagefolder as imagefolder
-from toolkit.core import images
+from toolkit.core import folders, images
 from toolkit.train.augment import EpochAugment, stream
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def fingerprint(classes: list[str], root: str, *splits) -> str:
         h.update(os.fsencode(name) + b"\0")
     for files, labels in splits:
         h.update(b"\1" + np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
-        for f in files or ():
-            h.update(os.fsencode(os.path.relpath(f, root)) + b"\0")
+        for rel in folders.relpaths(list(files or ()), root):
+            h.update(os.fsencode(rel) + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ an exported model on exactly those files.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def test_accuracy(run_dir: Path, cfg: Config, ds, device) -> dict | None:
                 count += len(labels)
     command = ["toolkit", "evaluate", "MODEL", str(ds.test_dir)]
     if d.test_fraction:  # the held-out part of the training folder, as a list `toolkit evaluate --files` reads
-        folders.write_file_list(run_dir / TEST_FILES, [os.path.relpath(f, ds.test_dir) for f in ds.test.files])
+        folders.write_file_list(run_dir / TEST_FILES, folders.relpaths(ds.test.files, ds.test_dir))
         command += ["--files", str(run_dir / TEST_FILES)]
     result = {"test_accuracy": correct / max(1, count), "test_count": count, "unreadable": len(ds.test) - count,
               "epoch": meta.metrics.get("epoch"), "test_source": ds.test_source, "test_dir": ds.test_dir,

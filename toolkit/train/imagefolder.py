@@ -57,7 +57,7 @@ def find_files(cfg: DataConfig, seed: int) -> Files:
     labels = np.asarray(found.labels, dtype=np.int64)
     test = _test_set(cfg, seed, layout, found, labels, skipped)
     held = np.isin(np.arange(len(labels)), test.pop("held"))
-    files = [str(layout.train / p) for p, h in zip(found.paths, held) if not h]
+    files = folders.under(layout.train, [p for p, h in zip(found.paths, held) if not h])
     labels = labels[~held]
     if layout.val is not None:
         val = images.find_labelled(layout.val)
@@ -67,7 +67,7 @@ def find_files(cfg: DataConfig, seed: int) -> Files:
             raise UserError(f"'{layout.val}' has classes missing from '{layout.train}': {', '.join(extra)}")
         index = {c: i for i, c in enumerate(found.classes)}  # a class emptied in train/ maps to -1: dropped below
         vlabels = np.asarray([index.get(val.classes[v], -1) for v in val.labels], dtype=np.int64)
-        vfiles = [str(layout.val / p) for p in val.paths]
+        vfiles = folders.under(layout.val, val.paths)
         out = Files(found.classes, files, labels, vfiles, vlabels, str(layout.val), found.empty, **test)
     else:  # a seeded, stratified split of train (the same split on every run with this seed)
         rng = np.random.default_rng(seed)
