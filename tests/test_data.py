@@ -10,6 +10,7 @@ from PIL import Image
 from toolkit import UserError
 from toolkit.config import load_config
 from toolkit.train import data
+from toolkit.train.batches import BatchSource, Normalize, TrainPlan, eval_shards
 
 
 def _folder(root, counts: dict[str, int], size=(12, 10)):
@@ -285,12 +286,12 @@ def test_augmentation_is_a_function_of_seed_and_epoch():
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharding_covers_every_sample_once_per_epoch(world):
     n, batch = 103, 8
-    plans = [data.TrainPlan(n, batch, world, r, seed=1) for r in range(world)]
+    plans = [TrainPlan(n, batch, world, r, seed=1) for r in range(world)]
     seen = torch.cat([torch.cat(p.batches(epoch=2)) for p in plans])
     assert len(seen) == len(set(seen.tolist()))  # disjoint across processes
     assert len(seen) == (n // world) * world  # only the remainder that cannot be split evenly is left out
     # step k of `world` processes with batch B takes what one process with batch B*world takes
-    single = data.TrainPlan(n, batch * world, 1, 0, seed=1)
+    single = TrainPlan(n, batch * world, 1, 0, seed=1)
     for k, big in enumerate(single.batches(epoch=2)[: plans[0].num_batches]):
         together = torch.cat([p.batches(epoch=2)[k] for p in plans])
         assert sorted(together.tolist()) == sorted(big[: len(together)].tolist())
@@ -298,7 +299,7 @@ def test_sharding_covers_every_sample_once_per_epoch(world):
 
 
 def test_resuming_mid_epoch_gives_the_remaining_batches():
-    plan = data.TrainPlan(50, 4, 2, 1, seed=0, grad_accum=2)
+    plan = TrainPlan(50, 4, 2, 1, seed=0, grad_accum=2)
     assert plan.num_batches % 2 == 0
     full = plan.batches(1)
     assert all(torch.equal(a, b) for a, b in zip(full[4:], plan.batches(1, start=4)))
@@ -306,14 +307,14 @@ def test_resuming_mid_epoch_gives_the_remaining_batches():
 
 def test_eval_shards_count_each_image_once():
     n = 1001
-    seen = torch.cat([torch.cat(data.eval_shards(n, 2, r, 64)) for r in range(2)])
+    seen = torch.cat([torch.cat(eval_shards(n, 2, r, 64)) for r in range(2)])
     assert sorted(seen.tolist()) == list(range(n))
 
 
 def test_normalize_matches_the_formula():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 0.2]
-    got = data.Normalize(mean, std)(x)
+    got = Normalize(mean, std)(x)
     want = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(got, want)
 
@@ -324,7 +325,7 @@ def test_stream_source_matches_memory_source(tmp_path):
     mem = data.load_dataset(load_config(None, args + ["data.cache=memory"]).data, 0)
     cfg = load_config(None, args + ["data.cache=stream"])
     stream = data.load_dataset(cfg.data, 0)
-    src = data.BatchSource(stream.train, cfg.data, torch.device("cpu"), workers=0)
+    src = BatchSource(stream.train, cfg.data, torch.device("cpu"), workers=0)
     idx = [torch.tensor([3, 0, 5]), torch.tensor([1])]
     got = list(src(idx))
     for (x, y), i in zip(got, idx):
@@ -355,7 +356,7 @@ def test_the_streaming_source_leaves_the_global_rng_alone(tmp_path):
     cfg = load_config(None, ["data.kind=imagefolder", f"data.root={root}", "data.image_size=8", "data.cache=stream",
                              "data.val_fraction=0.34"])
     ds = data.load_dataset(cfg.data, seed=0)
-    src = data.BatchSource(ds.train, cfg.data, torch.device("cpu"), workers=0)
+    src = BatchSource(ds.train, cfg.data, torch.device("cpu"), workers=0)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     list(src([torch.arange(len(ds.train))]))
@@ -441,7 +442,7 @@ def test_colour_key_transparency_reaches_training_as_white(tmp_path, cache):
 @pytest.mark.parametrize("n, batch, world, accum", [(65, 64, 1, 1), (130, 64, 2, 1), (131, 64, 2, 1), (9, 4, 2, 1),
                                                     (17, 8, 1, 2), (25, 8, 3, 1), (3, 2, 1, 1), (64, 64, 1, 1)])
 def test_no_process_ever_gets_a_training_batch_of_one(n, batch, world, accum):
-    plans = [data.TrainPlan(n, batch, world, r, seed=3, grad_accum=accum) for r in range(world)]
+    plans = [TrainPlan(n, batch, world, r, seed=3, grad_accum=accum) for r in range(world)]
     for epoch in (0, 1):
         per_process = [p.batches(epoch) for p in plans]
         assert all(len(b) >= 2 for batches in per_process for b in batches)
@@ -453,4 +454,4 @@ def test_no_process_ever_gets_a_training_batch_of_one(n, batch, world, accum):
         for p, batches in zip(plans, per_process):  # resume from any batch gives the rest of the epoch
             assert all(torch.equal(a, b) for a, b in zip(batches[1:], p.batches(epoch, start=1)))
     with pytest.raises(UserError, match="at least two images"):
-        data.TrainPlan(3, 8, 2, 0, seed=0)  # one image per process
+        TrainPlan(3, 8, 2, 0, seed=0)  # one image per process

@@ -11,7 +11,7 @@ from toolkit import UserError
 from toolkit.core import images
 from toolkit.core.meta import META_KEY, Meta, read_meta
 from toolkit.export import release as export
-from toolkit.train.data import Normalize
+from toolkit.train.batches import Normalize
 from toolkit.train.weights import build_model
 
 

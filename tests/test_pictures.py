@@ -185,6 +185,7 @@ def test_validation_loss_is_the_mean_loss_of_the_best_weights_on_the_validation_
 
     from toolkit.config import load_config
     from toolkit.train import data
+    from toolkit.train.batches import Normalize
     from toolkit.train.weights import build_model
 
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -194,7 +195,7 @@ def test_validation_loss_is_the_mean_loss_of_the_best_weights_on_the_validation_
     x, y = data.sample_images(ds.val, cfg.data, range(len(ds.val)))
     net, meta = build_model(tiny_run / "best.safetensors")
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(net(data.Normalize(meta.mean, meta.std)(x)), y).item()
+        loss = torch.nn.functional.cross_entropy(net(Normalize(meta.mean, meta.std)(x)), y).item()
     assert all("val_loss" in r for r in records)
     assert best["val_loss"] == pytest.approx(loss, abs=1e-4)
 

@@ -121,7 +121,7 @@ def test_choosing_a_recipe_imports_no_torch(tmp_path):
 
 
 def test_drop_last_leaves_out_a_small_tail_and_the_recipe_uses_it(tmp_path):
-    from toolkit.train.data import TrainPlan
+    from toolkit.train.batches import TrainPlan
 
     plan = TrainPlan(898, 64, world=1, rank=0, seed=0, drop_last=True)
     assert plan.num_batches == 14 and all(len(b) == 64 for b in plan.batches(0))

@@ -194,7 +194,7 @@ def test_stream_and_memory_paths_train_identically(shapes_dir, tmp_path):
 
 def test_flip_tta_averages_the_image_and_its_mirror():
     from toolkit.train import evaluate
-    from toolkit.train.data import Normalize
+    from toolkit.train.batches import Normalize
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()

@@ -29,7 +29,7 @@ def _scorer(model: str | Path, fallback: dict | None = None, outputs: str | None
 
     import torch
 
-    from toolkit.train.data import Normalize
+    from toolkit.train.batches import Normalize
     from toolkit.train.weights import build_model
 
     net, meta = build_model(model)

@@ -142,7 +142,7 @@ def _open_unidentified(path, max_pixels: int) -> Image.Image:
 
 def normalization(mean, std, scale: float = 1 / 255) -> tuple[np.ndarray, np.ndarray]:
     """(gain, shift), (3,) float32 each, so that x * gain + shift == (x * scale - mean) / std: the one
-    normalisation of training and the ONNX graph (data.Normalize), predict and `toolkit inspect`."""
+    normalisation of training and the ONNX graph (batches.Normalize), predict and `toolkit inspect`."""
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)  # constants folded in float64
     return (scale / std).astype(np.float32), (-mean / std).astype(np.float32)
 

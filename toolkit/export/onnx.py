@@ -18,7 +18,7 @@ from torch import nn
 import toolkit.export.variants as variants
 from toolkit import UserError, __version__
 from toolkit.core.meta import META_KEY, Meta
-from toolkit.train.data import Normalize
+from toolkit.train.batches import Normalize
 
 log = logging.getLogger(__name__)
 CHECK_BATCHES = (1, 7, 64)  # a batch of one, an odd size, a full batch: catches fixed-batch exports

@@ -2,7 +2,7 @@
 them to whole batches, with no per-sample Python.
 
 Randomness: each op draws from its own stream, a generator seeded with SeedSequence([seed,
-epoch, op.stream]); stream 0 is the epoch's shuffle (data.TrainPlan). An op draws a table of
+epoch, op.stream]); stream 0 is the epoch's shuffle (batches.TrainPlan). An op draws a table of
 parameters for every sample of the training set at once (row i: sample i), so what sample i
 gets in epoch e depends on (seed, e, op) only: not on the batch size, the number of processes,
 where a resumed run started, or which other ops are on (a mixing op's partner image is the one

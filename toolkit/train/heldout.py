@@ -31,7 +31,7 @@ def test_accuracy(run_dir: Path, cfg: Config, ds, device) -> dict | None:
     there is no test set or no released weights. `epoch` is the best weights' epoch."""
     import json
 
-    from toolkit.train.data import Normalize
+    from toolkit.train.batches import Normalize
     from toolkit.train.weights import build_model
 
     best = run_dir / "best.safetensors"

@@ -33,6 +33,7 @@ from toolkit import UserError
 from toolkit.config import Config
 from toolkit.core.meta import Meta
 from toolkit.core.metrics import figures_text, run_figures
+from toolkit.train.batches import BatchSource, Normalize, TrainPlan, eval_shards
 from toolkit.core.progress import progress_bar
 from toolkit.train.augment import Augment
 from toolkit.train.ema import WeightEma
@@ -61,11 +62,11 @@ class Run:
     model: nn.Module  # prepared: maybe DDP- and compile-wrapped
     raw_model: nn.Module  # the same parameters, unwrapped: evaluate and save this one
     optimizer: torch.optim.Optimizer
-    plan: data.TrainPlan
+    plan: TrainPlan
     state: TrainState
-    normalize: data.Normalize
-    train_src: data.BatchSource
-    val_src: data.BatchSource
+    normalize: Normalize
+    train_src: BatchSource
+    val_src: BatchSource
     val_shards: list[torch.Tensor]
     meta: Meta
     criterion: nn.Module
@@ -135,14 +136,14 @@ def _set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
         state.check_same_data(st, state_path, ds.classes, ds.fingerprint)  # before any step or write
     st.class_names, st.data_fingerprint = list(ds.classes), ds.fingerprint  # saved with every state
     st.branch, st.parent = uuid.uuid4().hex[:12], state_path.name if state_path else None
-    plan = data.TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum,
+    plan = TrainPlan(len(ds.train), cfg.data.batch_size, world, rank, cfg.seed, cfg.train.grad_accum,
                           cfg.data.drop_last)
     workers = rundir.loader_workers(cfg) if ds.train.files is not None else 0
     run = Run(cfg, accelerator, run_dir, ds, model, raw_model, optimizer, plan, st,
-              normalize=data.Normalize(cfg.data.mean, cfg.data.std).to(device),
-              train_src=data.BatchSource(ds.train, cfg.data, device, workers, keep_host=False),
-              val_src=data.BatchSource(ds.val, cfg.data, device, workers),
-              val_shards=data.eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size)),
+              normalize=Normalize(cfg.data.mean, cfg.data.std).to(device),
+              train_src=BatchSource(ds.train, cfg.data, device, workers, keep_host=False),
+              val_src=BatchSource(ds.val, cfg.data, device, workers),
+              val_shards=eval_shards(len(ds.val), world, rank, max(256, cfg.data.batch_size)),
               meta=Meta(arch=cfg.model.arch, class_names=ds.classes, image_size=cfg.data.image_size,
                         resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std,
                         interpolation=cfg.data.interpolation, config_hash=cfg.hash(),
@@ -176,7 +177,7 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
     if not state_path:
         if hasattr(model, "init_from_data") and not (cfg.model.weights or cfg.model.pretrained):  # e.g. whitening
             sample, _ = data.sample_images(ds.train, cfg.data, range(min(5000, len(ds.train))))
-            model.init_from_data(data.Normalize(cfg.data.mean, cfg.data.std)(sample))
+            model.init_from_data(Normalize(cfg.data.mean, cfg.data.std)(sample))
     else:
         st, files = state.load_state(state_path)
         if st.class_names is not None and len(st.class_names) != num_classes:  # classes added or removed

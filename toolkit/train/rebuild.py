@@ -21,6 +21,7 @@ from toolkit.config import load_config
 from toolkit.core.checkpoint import newest_state, weights_file
 from toolkit.core.lock import Lock
 from toolkit.core.metrics import figures_text, read_records, run_figures
+from toolkit.train.batches import BatchSource, Normalize, eval_shards
 from toolkit.train.rundir import LOCK
 from toolkit.train.validate import evaluate
 from toolkit.train.weights import build_model
@@ -53,9 +54,9 @@ def rebuild_report(run_dir: str | Path) -> Path:
         confusion = state["best_confusion"]
     else:  # the state is older than the best weights: measure them
         log.info("evaluating %s on %d validation images for the confusion matrix", best, len(ds.val))
-        source = data.BatchSource(ds.val, cfg.data, device, 0)
-        norm = data.Normalize(meta.mean, meta.std).to(device)
-        confusions, _ = evaluate(model.to(device), source, data.eval_shards(len(ds.val), 1, 0, 256), norm,
+        source = BatchSource(ds.val, cfg.data, device, 0)
+        norm = Normalize(meta.mean, meta.std).to(device)
+        confusions, _ = evaluate(model.to(device), source, eval_shards(len(ds.val), 1, 0, 256), norm,
                                  meta.num_classes)
         confusion = confusions[0].cpu().tolist()  # the plain figure, as the run stores it
     records = read_records(run_dir)  # a line torn by a crash is left out

@@ -117,7 +117,8 @@ def validation_predictions(run_dir: Path, split, data_cfg, device, n: int = 1000
     """The best checkpoint on up to n validation images: (pixels (n, H, W, 3), truth, predicted, score)."""
     import torch
 
-    from toolkit.train.data import Normalize, sample_images
+    from toolkit.train.batches import Normalize
+    from toolkit.train.data import sample_images
     from toolkit.train.weights import build_model
 
     model, meta = build_model(run_dir / "best.safetensors")
