@@ -20,6 +20,7 @@ import sys
 import time
 
 import toolkit.train.loop as train_module
+import toolkit.train.setup as setup_module
 from toolkit.cli import main
 
 KIND, STEP, RANK = os.environ["FAULT"], int(os.environ["FAULT_STEP"]), int(os.environ.get("FAULT_RANK", "0"))
@@ -43,7 +44,7 @@ def lr_at(step, *args):  # called once per optimizer step, after backward, befor
     return real_lr_at(step, *args)
 
 
-class NaNOnce(train_module.CrossEntropy):  # the training loss, as the loop builds it
+class NaNOnce(setup_module.CrossEntropy):  # the training loss, as the set-up builds it
     calls = 0
 
     def forward(self, logits, target):
@@ -54,5 +55,5 @@ class NaNOnce(train_module.CrossEntropy):  # the training loss, as the loop buil
 
 train_module.lr_at = lr_at
 if KIND == "nan":
-    train_module.CrossEntropy = NaNOnce
+    setup_module.CrossEntropy = NaNOnce
 main(sys.argv[1:])

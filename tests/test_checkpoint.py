@@ -322,8 +322,8 @@ def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_pa
     """The set-up of a resumed run holds exactly what the state saved (fast: no training step)."""
     import shutil
 
-    import toolkit.train.loop as loop
     import toolkit.train.rundir as rundir
+    import toolkit.train.setup as setup
 
     run = tmp_path / "quickstart"
     shutil.copytree(tiny_run, run)
@@ -332,7 +332,7 @@ def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_pa
     cfg = load_config(run / "config.yaml", ["train.resume=auto", f"train.out_dir={tmp_path}", "train.epochs=4"])
     accelerator, run_dir, lock = rundir.start(cfg)
     with lock:
-        r = loop._set_up(cfg, accelerator, run_dir)
+        r = setup.set_up(cfg, accelerator, run_dir)
     try:
         model = r.raw_model.state_dict()
         assert files["model.safetensors"].keys() == model.keys()

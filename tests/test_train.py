@@ -218,13 +218,13 @@ def test_flip_tta_averages_the_image_and_its_mirror():
 def test_sync_bn_converts_batchnorm_only_for_several_gpu_processes():
     from types import SimpleNamespace
 
-    import toolkit.train.loop as loop
+    import toolkit.train.setup as setup
 
     cfg = load_config(None, ["model.arch=tutorial_net_bn", "model.sync_bn=true"])
     ds = SimpleNamespace(classes=list("abcdefghij"))
 
     def kinds(device: str, world: int) -> tuple[int, int]:
-        model, _, _ = loop._build_model(cfg, ds, torch.device(device), world, None)
+        model, _, _ = setup._build_model(cfg, ds, torch.device(device), world, None)
         return (sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
                 sum(type(m) is torch.nn.BatchNorm2d for m in model.modules()))
 
