@@ -112,6 +112,41 @@ def test_grid_and_preview_never_overwrite_an_existing_file(onnx_file, shapes_dir
     assert photo.read_bytes() != before and Image.open(photo).size[0] > 100
 
 
+def test_pictures_never_go_inside_the_folder_they_read_even_with_overwrite(onnx_file, shapes_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "photos"
+    shutil.copytree(shapes_dir / "val", data)
+    photo = next((data / "star").iterdir())
+    before = photo.read_bytes()
+    proc = run_toolkit("predict", onnx_file, data, "-o", tmp_path / "p.csv", "--grid", photo, "--overwrite",
+                       check=False)
+    one_line_error(proc, f"--grid '{photo}' is inside the input folder")
+    assert not (tmp_path / "p.csv").exists()  # refused before the work
+    with pytest.raises(UserError, match="inside the input folder"):  # a new file there: the next run's input
+        predict(onnx_file, data, tmp_path / "p.csv", grid=data / "sub" / ".." / "grid.png")
+    proc = run_toolkit("preview", data, "-o", photo, "--overwrite", check=False)
+    one_line_error(proc, f"'{photo}' is inside the data folder")
+    assert photo.read_bytes() == before and not (data / "grid.png").exists()
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_such_not_as_missing(onnx_file, tiny_run, shapes_dir, tmp_path):
+    from toolkit.core.folders import find_layout
+    from toolkit.core.pictures import preview
+    from toolkit.evaluate import evaluate_folder
+
+    image = next((shapes_dir / "val" / "star").iterdir())
+    for call in (lambda: predict(onnx_file, image, tmp_path / "p.csv"), lambda: evaluate_folder(onnx_file, image),
+                 lambda: preview(image, tmp_path / "g.png"), lambda: find_layout(image),
+                 lambda: export(tiny_run, tmp_path / "e.onnx", data_dir=image)):
+        with pytest.raises(UserError, match=f"'{image}' is a file, not a folder"):
+            call()
+    with pytest.raises(UserError, match=f"model file '{shapes_dir}' is a folder, not a file"):
+        predict(shapes_dir, shapes_dir / "val", tmp_path / "p.csv")
+    with pytest.raises(UserError, match="'nothere' does not exist"):
+        predict(onnx_file, "nothere", tmp_path / "p.csv")
+
+
 def test_a_file_appearing_while_the_grid_is_drawn_is_kept(shapes_dir, tmp_path, monkeypatch):
     from toolkit.core import pictures
 
@@ -148,6 +183,19 @@ def test_train_into_a_read_only_folder_is_one_line_before_the_work(small_data, r
     proc = run_toolkit(*_train_args(small_data, readonly_dir / "runs"), check=False)
     one_line_error(proc, "cannot create the run folder", str(readonly_dir))
     assert "decoded" not in proc.stderr  # refused before the data was read
+
+
+def test_train_never_writes_its_run_inside_the_data_it_reads(small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "photos"
+    shutil.copytree(small_data, data)
+    listing = sorted(p.relative_to(data) for p in data.rglob("*"))
+    proc = run_toolkit(*_train_args(data, data / "runs"), check=False)
+    one_line_error(proc, "would be inside data.root", "train.out_dir=")
+    proc = run_toolkit(*_train_args(".", "runs"), check=False, cwd=data)  # `toolkit train .` in the photo folder
+    one_line_error(proc, "'runs/r' would be inside data.root '.'", "train.out_dir=../runs")
+    assert "decoded" not in proc.stderr and sorted(p.relative_to(data) for p in data.rglob("*")) == listing
 
 
 def test_train_with_a_file_where_the_run_folder_goes_is_one_line(small_data, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.files import absent
 from toolkit.core.metrics import per_class_accuracy
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int, files=No
     try:
         found = images.find_labelled(data_dir)  # folders without an image file (e.g. __MACOSX) are no classes
     except FileNotFoundError:
-        raise UserError(f"data folder '{data_dir}' does not exist") from None
+        raise UserError(f"data folder '{data_dir}' {absent(data_dir)}") from None
     folder_classes, paths, labels = found.classes, found.paths, found.labels
     if files is not None:
         paths, labels = _listed(files, data_dir, paths, labels)

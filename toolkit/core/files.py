@@ -27,6 +27,21 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def absent(path: str | Path, folder: bool = True) -> str:
+    """Why `path` is no folder (`folder`) or no file: 'does not exist', or the other kind it is, for messages."""
+    path = Path(path)
+    if folder and path.is_file():
+        return "is a file, not a folder"
+    return "is a folder, not a file" if not folder and path.is_dir() else "does not exist"
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies under it, '..' and symlinks resolved (neither needs to exist):
+    an output there would replace or join the files the command (or the next run) reads as input."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or path.is_relative_to(folder)
+
+
 def temp_path(path: Path, tag: str = "tmp") -> Path:
     """The temporary name of `path` while it is written by this process (see core.lock.remove_stale_temps)."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from toolkit import UserError
 from toolkit.core import formats
+from toolkit.core.files import absent
 from toolkit.core.formats import is_image_name
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def find_layout(root: str | Path) -> Layout:
     """The split folders of `root`. Raises UserError when it is missing or names two validation folders."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data.root '{root}' does not exist; point it at a folder of class subfolders")
+        raise UserError(f"data.root '{root}' {absent(root)}; point it at a folder of class subfolders")
     train = root / "train" if (root / "train").is_dir() else root
     vals = [root / n for n in VAL_NAMES if (root / n).is_dir()]
     if len(vals) > 1:

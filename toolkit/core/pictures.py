@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from toolkit import UserError
 from toolkit.core import folders, images
+from toolkit.core.files import absent, inside
 from toolkit.core.meta import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = 96  # pixels per image in a grid
@@ -149,7 +150,10 @@ def preview(data_dir: str | Path, out: str | Path, per_class: int = 8, overwrite
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise UserError(f"folder '{root}' does not exist")
+        raise UserError(f"folder '{root}' {absent(root)}")
+    if inside(out, root):  # even with --overwrite: a photo of the data is never replaced
+        raise UserError(f"'{out}' is inside the data folder '{root}', where it would replace or join the images; "
+                        "write it elsewhere")
     if Path(out).exists() and not overwrite:  # checked before the work; save_png checks again when writing
         raise UserError(f"'{out}' already exists; choose a new file name or pass --overwrite")
     layout = folders.find_layout(root)

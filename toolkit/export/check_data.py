@@ -12,6 +12,7 @@ import numpy as np
 
 from toolkit import UserError
 from toolkit.core import images
+from toolkit.core.files import absent
 from toolkit.core.meta import Meta
 from toolkit.train.weights import weights_path
 
@@ -43,7 +44,7 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
         try:
             found = images.find_labelled(root)
         except FileNotFoundError:
-            raise UserError(f"--data folder '{root}' does not exist") from None
+            raise UserError(f"--data folder '{root}' {absent(root)}") from None
         classes, rel, labels = found.classes, found.paths, found.labels
         if not rel or any(c not in meta.class_names for c in classes):  # not a labelled folder of this model
             rel, labels = images.find_images(root), None

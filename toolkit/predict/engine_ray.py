@@ -26,6 +26,7 @@ from pathlib import Path
 import toolkit.predict.dataset as dataset
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.files import absent
 from toolkit.core.lock import Lock, lock_path
 from toolkit.core.progress import progress_bar
 from toolkit.predict.ray_workers import ChunkPredictor, decode_chunks
@@ -110,7 +111,7 @@ def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "
     if min(batch_size, chunk_size, topk, max_pixels) < 1:
         raise UserError("--batch-size, --chunk-size, --topk and --max-pixels must be at least 1")
     if not source.is_dir():
-        raise UserError(f"input folder '{source}' does not exist")
+        raise UserError(f"input folder '{source}' {absent(str(source))}")
     graph = validate_model(model, "cpu")  # the file; CUDA is checked by the GPU actors, on their nodes
     outputs = resolve_outputs(outputs, graph.output_kind)
     batch_size = graph.fixed_batch or batch_size  # a graph with a fixed batch size runs at that size

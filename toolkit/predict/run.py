@@ -25,6 +25,7 @@ import toolkit.predict.parts as parts
 import toolkit.predict.table as table
 from toolkit import UserError
 from toolkit.core import formats, images
+from toolkit.core.files import absent, inside
 from toolkit.core.lock import Lock, lock_path, remove_stale_temps
 from toolkit.predict.runtime import OnnxClassifier, resolve_outputs, validate_model
 from toolkit.predict.storage import Location, is_url, sha256_file, staging_dir
@@ -113,12 +114,15 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
     source, url_out = Location(input_dir), Location(output) if is_url(output) else None
     out = staging_dir(str(url_out)) / Path(str(url_out)).name if url_out else Path(output)
     if not source.is_dir():
-        raise UserError(f"input folder '{source}' does not exist")
+        raise UserError(f"input folder '{source}' {absent(str(source))}")
     if batch_size < 1 or topk < 1 or max_pixels < 1:
         raise UserError("--batch-size, --topk and --max-pixels must be at least 1")
     if grid and (Path(grid).suffix.lower() != ".png" or grid_count < 1 or source.url):
         raise UserError(f"--grid needs a .png file, --grid-count at least 1 and a local input; got '{grid}', "
                         f"{grid_count}, '{source}'")
+    if grid and inside(grid, str(source)):  # even with --overwrite: a photo being predicted is never replaced
+        raise UserError(f"--grid '{grid}' is inside the input folder '{source}', where it would replace or join the "
+                        "images predicted; write it elsewhere")
     if grid and Path(grid).exists() and not overwrite:  # never replace a user's file (a photo, an earlier grid)
         raise UserError(f"--grid '{grid}' already exists; choose a new file or pass --overwrite")
     if out.is_dir():

@@ -14,6 +14,7 @@ import numpy as np
 
 from toolkit import UserError
 from toolkit.core import images
+from toolkit.core.files import absent
 from toolkit.core.meta import DEFAULT_INTERPOLATION, META_KEY, Meta
 from toolkit.core.onnxfile import NotOnnx, OnnxFile
 
@@ -75,7 +76,7 @@ def validate_model(path: str | Path, device: str = "cpu") -> GraphInfo:
     -> what the graph says (input shape, output kind)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file '{path}' does not exist")
+        raise UserError(f"model file '{path}' {absent(path, folder=False)}")
     try:
         info = read_graph(path)
     except UserError:
@@ -158,7 +159,7 @@ class OnnxClassifier:
 
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"model file '{path}' does not exist")
+            raise UserError(f"model file '{path}' {absent(path, folder=False)}")
         wanted = providers(device, device_id)
         try:
             if not checked:  # a worker loads a file the main process has already checked

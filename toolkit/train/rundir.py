@@ -17,7 +17,7 @@ import torch
 import toolkit.train.state as state
 from toolkit import UserError
 from toolkit.config import Config, save_config
-from toolkit.core.files import write_atomic, writing
+from toolkit.core.files import inside, write_atomic, writing
 from toolkit.core.lock import Busy, Lock, remove_stale_temps
 from toolkit.core.metrics import append_record, keep_records
 
@@ -37,6 +37,10 @@ def claim_run_dir(cfg: Config) -> tuple[Path, Lock]:
     """
     resuming = bool(cfg.train.resume)
     base = resolve_run_dir(cfg) if resuming else Path(cfg.train.out_dir) / cfg.name
+    if cfg.data.kind != "cifar10" and inside(base, cfg.data.root):  # a folder walked for images
+        elsewhere = os.path.relpath(Path(cfg.data.root).resolve().parent / "runs")
+        raise UserError(f"the run folder '{base}' would be inside data.root '{cfg.data.root}', where its pictures "
+                        f"would become training data; set train.out_dir outside it, e.g. train.out_dir={elsewhere}")
     candidate, i = base, 1
     while True:
         try:
