@@ -110,10 +110,10 @@ def test_a_split_that_leaves_a_class_no_training_image_or_beside_a_test_folder_i
 
 
 def test_the_recipe_sizes_epochs_from_the_images_left_to_train_on(tmp_path):
-    from toolkit.train import recipe
+    from toolkit.train import recipe, survey
 
     root = _folder(tmp_path / "d", {"a": 100, "b": 100})
-    summary = recipe.scan_folder(root)
+    summary = survey.scan_folder(root)
     _, why = recipe.choose(summary, load_config(None, ["data.test_fraction=0.2"]), gpu=False)
     assert "20% of them held out as the test set (data.test_fraction), 144 to train on" in why[0]  # 200 x .8 x .9
     assert any("a dataset of 144 uses" in line for line in why)

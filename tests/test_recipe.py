@@ -12,7 +12,7 @@ from PIL import Image
 from toolkit import UserError
 from toolkit.cli import resolve_config
 from toolkit.config import Config, apply_overrides, load_config
-from toolkit.train import recipe
+from toolkit.train import recipe, survey
 
 
 def _glyph(kind: str, side: int, rng) -> np.ndarray:
@@ -59,18 +59,18 @@ def test_small_images_train_at_their_own_size_without_flips_when_mirrors_are_oth
 
 
 def test_flips_stay_on_for_mirror_symmetric_classes(tmp_path):
-    summary = recipe.scan_folder(_folder(tmp_path / "sym", ["box", "bar"], side=16))
+    summary = survey.scan_folder(_folder(tmp_path / "sym", ["box", "bar"], side=16))
     assert summary.flip_asymmetry < recipe.FLIP_ASYMMETRY
     cfg, why = recipe.choose(summary, Config(), gpu=False)
     assert cfg.data.hflip is True and any("flips on" in line for line in why)
-    asym = recipe.scan_folder(_folder(tmp_path / "asym", ["L", "J"], side=16))
+    asym = survey.scan_folder(_folder(tmp_path / "asym", ["L", "J"], side=16))
     assert asym.flip_asymmetry > recipe.FLIP_ASYMMETRY  # the same test would have caught it
 
 
 def test_large_images_are_resized_down_to_a_modest_size(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "cached_backbone", lambda: None)  # whatever this machine's cache holds
     root = _folder(tmp_path / "photos", ["box", "bar"], side=300, per_class=4, layout="", height=200)
-    summary = recipe.scan_folder(root)
+    summary = survey.scan_folder(root)
     assert summary.short_side == 200 and summary.train_dir == root and summary.layout.val is None
     cpu = recipe.choose(summary, Config(), gpu=False)[0]
     assert cpu.data.image_size == recipe.PHOTO_SIZE_CPU
@@ -81,7 +81,7 @@ def test_large_images_are_resized_down_to_a_modest_size(tmp_path, monkeypatch):
 
 
 def test_budget_sets_epochs_and_width(tmp_path):
-    summary = recipe.scan_folder(_folder(tmp_path / "g", ["L", "J"], side=32, per_class=10))
+    summary = survey.scan_folder(_folder(tmp_path / "g", ["L", "J"], side=32, per_class=10))
     summary.counts = [25_000, 25_000]  # CIFAR-sized: the budget decides, not the data size
     plenty, _ = recipe.choose(summary, apply_overrides(Config(), {"train": {"budget_minutes": 600}}), gpu=False)
     short, _ = recipe.choose(summary, apply_overrides(Config(), {"train": {"budget_minutes": 2}}), gpu=False)
@@ -142,9 +142,9 @@ def test_photos_use_a_pretrained_backbone_found_in_the_local_cache(tmp_path, mon
     (repo / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(b"weights")
     assert recipe.cached_backbone() == ("resnet18.a1_in1k", 224)
     photos = _folder(tmp_path / "photos", ["box", "bar"], side=300, per_class=4, layout="", height=200)
-    cfg, why = recipe.choose(recipe.scan_folder(photos), Config(), gpu=False)
+    cfg, why = recipe.choose(survey.scan_folder(photos), Config(), gpu=False)
     assert (cfg.model.arch, cfg.model.pretrained, cfg.data.image_size) == ("timm/resnet18.a1_in1k", True, 224)
     assert cfg.model.freeze_epochs == 1 and cfg.optim.backbone_lr_scale == 0.1 and cfg.train.epochs >= 2
     assert any("pretrained backbone found in the local Hugging Face cache" in line for line in why)
     small = _folder(tmp_path / "small", ["L", "J"], side=12)
-    assert recipe.choose(recipe.scan_folder(small), Config(), gpu=False)[0].model.pretrained is False
+    assert recipe.choose(survey.scan_folder(small), Config(), gpu=False)[0].model.pretrained is False

@@ -1,7 +1,7 @@
 """A training recipe chosen from the data: `toolkit train DIR` and `toolkit config DIR`.
 
 `recipe_for(folder, overrides)` looks at the folder (class counts, image sizes from PIL headers, and
-whether class-average images are mirror-symmetric) and returns a Config that fits a time budget
+whether class-average images are mirror-symmetric: survey.py) and returns a Config that fits a time budget
 (`train.budget_minutes`) on this machine. It imports no torch, so `toolkit config DIR` is quick.
 
 The rules, and why:
@@ -32,13 +32,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import UserError
 from toolkit.config import Config, apply_overrides, parse_overrides
-from toolkit.core import folders, images
+from toolkit.train.survey import FolderSummary, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +47,6 @@ CUTOUT_FROM = 16  # px: cutout (a quarter of the side) from this size; on 8 px d
 EMA_HORIZON = 0.05  # the weight average spans about this fraction of the run's steps
 MIXUP_ALPHA, MIXUP_FROM_EPOCHS = 0.2, 60  # small images: mixup from this many epochs (measured at 84 on digits)
 EVALUATIONS = 15  # about this many evaluations per run (each one evaluates the weights and their EMA)
-HEADER_SAMPLE = 2000  # files whose headers are read for the size statistics
-FLIP_SAMPLE_PER_CLASS = 32  # images per class decoded (16 px) for the mirror-symmetry test
 FLIP_ASYMMETRY = 0.5  # flips stay off when mirroring moves class means this far (x the between-class distance)
 
 # Training images per second on one CPU core at 32 px (forward + backward + step, batch 64..256), measured
@@ -65,101 +60,6 @@ GPU_CORES = 40.0
 PRETRAINED = (("resnet18.a1_in1k", 224, 250.0), ("efficientnet_b0.ra_in1k", 224, 180.0),
               ("resnet50.a1_in1k", 224, 90.0))
 SPEEDRUN_WIDTHS = ("speedrun_net", "speedrun_net_s", "speedrun_net_xs")  # widest first
-
-
-@dataclass
-class FolderSummary:
-    """What the recipe knows about a folder of class subfolders."""
-
-    root: Path
-    layout: folders.Layout  # where training, validation and test images are
-    classes: list[str]
-    counts: list[int]  # training images per class
-    short_side: int  # median short side of the sampled images, px
-    short_side_p10: int  # 10th percentile, px
-    flip_asymmetry: float | None = None  # mean-image mirror distance / between-class distance
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def train_dir(self) -> Path:
-        return self.layout.train
-
-    @property
-    def num_train(self) -> int:
-        return sum(self.counts)
-
-
-def _sample(files: list[str], labels: list[int], per_class: int, limit: int) -> list[int]:
-    """Indices of up to `per_class` files of each class (evenly spaced), at most `limit` in all."""
-    by_class: dict[int, list[int]] = {}
-    for i, c in enumerate(labels):
-        by_class.setdefault(c, []).append(i)
-    per_class = max(1, min(per_class, limit // max(1, len(by_class))))
-    picked = []
-    for idx in by_class.values():
-        step = max(1, len(idx) // per_class)
-        picked += idx[::step][:per_class]
-    return picked
-
-
-def _flip_asymmetry(files: list[str], labels: list[int], num_classes: int) -> float | None:
-    """How far mirroring moves the class-average images, relative to the distance between classes.
-
-    Near 0: the classes look alike mirrored (photos: flips are a safe augmentation). Near or above 1:
-    a mirrored image of one class sits as far away as another class (digits, letters: no flips).
-    """
-    import numpy as np
-
-    sums, counts = np.zeros((num_classes, 16, 16)), np.zeros(num_classes)
-    for f, c in zip(files, labels):
-        try:
-            sums[c] += images.load(f, 16, "squash").mean(2) / 255.0
-            counts[c] += 1
-        except images.DecodeError:
-            continue
-    keep = counts > 0
-    if keep.sum() < 2:
-        return None
-    means = sums[keep] / counts[keep, None, None]
-    means -= means.mean(0)  # what distinguishes the classes, not what they share
-    mirror = np.sqrt(((means - means[:, :, ::-1]) ** 2).sum((1, 2)))
-    between = np.sqrt(((means[:, None] - means[None]) ** 2).sum((2, 3)))
-    np.fill_diagonal(between, np.inf)
-    return float(np.median(mirror / np.maximum(between.min(1), 1e-9)))
-
-
-def scan_folder(folder: str | Path) -> FolderSummary:
-    """Class counts, image sizes (headers only) and mirror symmetry of a folder of class subfolders."""
-    from PIL import Image
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"'{root}' is not a folder; give a folder of class subfolders or a config file")
-    layout = folders.find_layout(root)
-    train_dir = layout.train
-    found = folders.find_labelled(train_dir, exclude=folders.SPLIT_NAMES)
-    classes, rel, labels = found.classes, found.paths, found.labels
-    if len(classes) < 2 or not rel:
-        raise UserError(f"'{train_dir}' needs at least two class subfolders of images; found {len(classes)} "
-                        f"classes and {len(rel)} images")
-    files = [str(train_dir / p) for p in rel]
-    counts = [0] * len(classes)
-    for c in labels:
-        counts[c] += 1
-    sides = []
-    for i in _sample(files, labels, HEADER_SAMPLE, HEADER_SAMPLE):
-        try:
-            with Image.open(files[i]) as img:  # reads the header only
-                sides.append(min(img.size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-    if not sides:
-        raise UserError(f"none of the sampled images under '{train_dir}' could be opened")
-    sides.sort()
-    picked = _sample(files, labels, FLIP_SAMPLE_PER_CLASS, 40 * FLIP_SAMPLE_PER_CLASS)
-    asym = _flip_asymmetry([files[i] for i in picked], [labels[i] for i in picked], len(classes))
-    return FolderSummary(root, layout, classes, counts, int(statistics.median(sides)),
-                         sides[len(sides) // 10], asym)
 
 
 def _has_gpu() -> bool:
