@@ -99,3 +99,19 @@ def test_every_subcommand_has_its_command():
     from toolkit.completion import _subcommands
 
     assert list(_subcommands(build_parser())) == list(COMMANDS)
+
+
+@pytest.mark.parametrize("command, hint", [("train", "train.resume=auto"), ("predict", "--resume"), ("models", None)])
+def test_ctrl_c_says_how_to_continue(command, hint, monkeypatch, capsys):
+    from toolkit.cli import COMMANDS, main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, command, interrupted)
+    argv = {"train": ["train", "data/x"], "predict": ["predict", "m.onnx", "photos", "-o", "p.csv"]}.get(command, [command])
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and err.startswith("interrupted")
+    assert (hint in err) if hint else err == "interrupted"

@@ -42,6 +42,11 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# what continues an interrupted command, said when Ctrl-C stops it (rows and states already written are kept)
+RESUME_HINTS = {"train": "; the same command with train.resume=auto continues the run from its last saved state",
+                "predict": "; the same command with --resume continues the output"}
+
+
 def main(argv: list[str] | None = None) -> None:
     for key, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(key, value)  # the user's own setting wins
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # the reader went away (`toolkit evaluate ... | head -1`): stop quietly, like head's writer
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's exit flush cannot fail again
