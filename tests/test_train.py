@@ -244,6 +244,30 @@ def test_stop_at_accuracy_ends_the_run_early(tmp_path):
     assert all(r["val_accuracy"] < 0.9 for r in recs[:-1])
 
 
+def test_training_from_python_says_when_openmp_threads_would_spin(tmp_path, monkeypatch, caplog):
+    # the toolkit command sets OMP_WAIT_POLICY=PASSIVE before torch is imported; train() called from Python
+    # cannot, so it says how (a shared CPU trains small models several times slower otherwise)
+    import torch
+
+    _two_colours(tmp_path / "d")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for policy in (None, "PASSIVE"):
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            caplog.clear()
+            with caplog.at_level("INFO", logger="toolkit"):
+                train(load_config(None, ["data.kind=imagefolder", f"data.root={tmp_path / 'd'}", "data.image_size=16",
+                                         "data.batch_size=8", "model.arch=tutorial_net_bn", "train.epochs=1",
+                                         f"train.out_dir={tmp_path / 'runs'}", "train.progress=false"]))
+            assert ("OMP_WAIT_POLICY is not set" in caplog.text) == (policy is None)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_last_batch_of_one_never_reaches_batchnorm(tmp_path, monkeypatch):
     """17 images at batch 16: the 17th joins the last batch (a net whose BatchNorm sees one value per
     channel, as a ResNet's last stage does at 32 px, would raise on a batch of one)."""

@@ -4,6 +4,7 @@ sources and the run folder's first files, held together in one Run that the loop
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,3 +148,8 @@ def _log_start(run: Run) -> None:
     log.info("global batch = %d per process x %d processes x %d accumulation = %d images; %d steps per epoch",
              cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum, global_batch,
              run.plan.num_batches // cfg.train.grad_accum)
+    if accelerator.device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        # the `toolkit` command sets it before torch is imported; code calling train() has to do it itself
+        log.info("OMP_WAIT_POLICY is not set, so torch's OpenMP threads spin while they wait: with other processes "
+                 "on these cores, small steps can be several times slower; set OMP_WAIT_POLICY=PASSIVE before "
+                 "importing torch (the toolkit command does)")
