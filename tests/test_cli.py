@@ -24,7 +24,10 @@ def test_models_lists_the_registry():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "configs/quickstart.yaml", "optim.lrr=1"], "error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
-    (["train", "configs/nope.yaml"], "error: config file 'configs/nope.yaml' does not exist"),
+    (["train", "configs/nope.yaml"], "error: 'configs/nope.yaml' does not exist: give a config file (YAML) or a "
+                                     "folder of class subfolders"),
+    (["train", "my_photos"], "error: 'my_photos' does not exist: give a config file (YAML) or a folder of class "
+                             "subfolders"),
     (["evaluate", "nope.onnx", "."], "error: model file 'nope.onnx' does not exist"),
     (["export", "nope/"], "error: no weights at 'nope'"),
 ])

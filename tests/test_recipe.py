@@ -1,6 +1,7 @@
 """The recipe chosen from a data folder: sizes never upsampled, flips only for mirror-symmetric classes,
 epochs and width from the budget, the user's overrides winning, and no torch needed to choose it."""
 
+import shutil
 import subprocess
 import sys
 
@@ -107,8 +108,13 @@ def test_overrides_win_and_the_cli_accepts_a_folder(tmp_path):
     assert load_config(saved).to_dict() == cfg.to_dict()
     with pytest.raises(UserError, match="did you mean 'train.epochs'"):
         resolve_config(str(root), ["train.epoch=3"])
-    with pytest.raises(UserError, match="at least two class subfolders"):
+    with pytest.raises(UserError, match="at least two class subfolders of images; found 0 classes and 0 images"):
         recipe.recipe_for(tmp_path / "glyphs" / "train" / "L")
+    one = tmp_path / "one" / "L"
+    one.mkdir(parents=True)
+    shutil.copy(next((root / "train" / "L").iterdir()), one / "a.png")
+    with pytest.raises(UserError, match="at least two class subfolders of images; found 1 class and 1 image$"):
+        recipe.recipe_for(tmp_path / "one")
 
 
 def test_choosing_a_recipe_imports_no_torch(tmp_path):

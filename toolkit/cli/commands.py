@@ -34,6 +34,10 @@ def resolve_config(target: str, overrides: list[str]):
     """A config file plus overrides, or for a data folder the recipe chosen from the data plus overrides."""
     from pathlib import Path
 
+    if not Path(target).exists():
+        from toolkit import UserError
+
+        raise UserError(f"'{target}' does not exist: give a config file (YAML) or a folder of class subfolders")
     if Path(target).is_dir():
         from toolkit.train.recipe import recipe_for  # torch-free
 

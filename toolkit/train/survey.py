@@ -87,8 +87,9 @@ def scan_folder(folder: str | Path) -> FolderSummary:
     found = folders.find_labelled(train_dir, exclude=folders.SPLIT_NAMES)
     classes, rel, labels = found.classes, found.paths, found.labels
     if len(classes) < 2 or not rel:
-        raise UserError(f"'{train_dir}' needs at least two class subfolders of images; found {len(classes)} "
-                        f"classes and {len(rel)} images")
+        raise UserError(f"'{train_dir}' needs at least two class subfolders of images; found "
+                        f"{len(classes)} class{'' if len(classes) == 1 else 'es'} and {len(rel)} "
+                        f"image{'' if len(rel) == 1 else 's'}")
     files = [str(train_dir / p) for p in rel]
     counts = [0] * len(classes)
     for c in labels:
