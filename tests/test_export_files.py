@@ -81,10 +81,19 @@ def test_export_refuses_to_overwrite_without_the_flag(exported, tiny_run):
     assert exported.read_bytes() == before
     card = exported.with_suffix(".README.md")
     other = exported.with_name("other.onnx")
-    other.with_suffix(".README.md").write_text("my notes")  # a sidecar's name taken counts too
-    with pytest.raises(UserError, match="other.README.md' already exists"):
-        export.export(tiny_run, other)
+    other.with_suffix(".README.md").write_text("my notes")  # a sidecar's name taken by someone else's file
+    for overwrite in (False, True):  # is never replaced: only an earlier export's files are (its model beside them)
+        with pytest.raises(UserError, match="other.README.md' exists and was not written by an export of 'other.onnx'"):
+            export.export(tiny_run, other, overwrite=overwrite)
     assert other.with_suffix(".README.md").read_text() == "my notes" and not other.exists()
+    run_record = tiny_run / "metrics.json"  # e.g. -o <run>/metrics.onnx: the report would replace a run's file
+    run_record.write_text("{}")
+    try:
+        with pytest.raises(UserError, match="metrics.json' exists and was not written by an export"):
+            export.export(tiny_run, tiny_run / "metrics.onnx", overwrite=True)
+        assert run_record.read_text() == "{}"
+    finally:
+        run_record.unlink()
     export.export(tiny_run, exported, overwrite=True, model_version=3)
     assert card.is_file() and ort.InferenceSession(str(exported)).get_modelmeta().version == 3
 

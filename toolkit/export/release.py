@@ -54,7 +54,8 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
 
     Beside it: <name>.json (the export report), <name>.config.json (preprocessing in timm's pretrained_cfg
     vocabulary) and <name>.README.md (the model card). Raises UserError when any of them exists and not
-    `overwrite`, and ExportMismatch when a check fails (nothing is written then).
+    `overwrite`, or exists while <name>.onnx does not (then it is not an earlier export's file: never replaced),
+    and ExportMismatch when a check fails (nothing is written then).
     """
     if variant not in variants.VARIANTS:
         raise UserError(f"unknown variant '{variant}'; choose one of {', '.join(variants.VARIANTS)}")
@@ -69,6 +70,9 @@ def export(checkpoint: str | Path, output: str | Path | None = None, data_dir: s
         for name in (out.name, out.with_suffix(".json").name):  # what an export killed here left behind
             remove_stale_temps(out.parent, prefix=f".{name}.")
         existing = [p for p in [out, out.with_suffix(".json"), *card.sidecars(out)] if p.exists()]
+        if existing and not out.exists():  # an export always leaves its model: without it these are someone's files
+            raise UserError(f"'{existing[0]}' exists and was not written by an export of '{out.name}' (that model is "
+                            "not beside it), so it is never replaced, even with --overwrite; choose another -o")
         if existing and not overwrite:
             raise UserError(f"'{existing[0]}' already exists; --overwrite replaces it (and the files beside it), "
                             "or choose another -o")
