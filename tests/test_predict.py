@@ -94,6 +94,17 @@ def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
     assert not (tmp_path / "p.parquet.partial.jsonl").exists()
 
 
+def test_a_topk_above_the_number_of_classes_ranks_them_all_and_says_so(onnx_file, shapes_dir, tmp_path, caplog):
+    from toolkit.core.meta import read_meta
+
+    n = read_meta(onnx_file).num_classes
+    with caplog.at_level("INFO", logger="toolkit"):
+        predict(onnx_file, shapes_dir / "val", tmp_path / "p.csv", topk=n + 2)
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert header == [c.name for c in table.columns(n)] and header[-2:] == [f"top{n}_label", f"top{n}_score"]
+    assert f"--topk {n + 2}: the model has {n} classes, so the rows rank all {n}" in caplog.text
+
+
 @pytest.mark.parametrize("topk", [1, 3])
 def test_csv_json_lines_and_parquet_have_the_same_columns_and_types(onnx_file, corpus, tmp_path, topk):
     pq = pytest.importorskip("pyarrow.parquet")

@@ -61,6 +61,14 @@ def columns(topk: int) -> list[Column]:
     return cols
 
 
+def ranked(topk: int, num_classes: int, say: bool = True) -> int:
+    """The top-k the rows have: --topk, at most the model's number of classes (said once, by `say`)."""
+    if topk > num_classes and say:
+        log.info("--topk %d: the model has %d classes, so the rows rank all %d (%s)", topk, num_classes, num_classes,
+                 ", ".join(c.name for c in columns(num_classes)))
+    return min(topk, num_classes)
+
+
 def rows_for(paths: list[str], errors: list[str], probs: np.ndarray, classes: list[str], topk: int) -> list[dict]:
     """One row per file, in order: errors[i] is "" for a decoded file, which takes the next row of
     `probs` ((decoded, C) float probabilities), else the reason the file could not be used."""
