@@ -72,7 +72,7 @@ def answer_files(source: Location, target: Path, run: dict, rank: int, world: in
     load = (_load_session, (model, fallback, outputs)) if device == "cpu" else (None, ())
     with images.Decoder(workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
         clf = OnnxClassifier(model, threads, fallback, device, local_rank, checked=True, outputs=outputs)
-        topk = table.ranked(run["topk"], clf.meta.num_classes, say=rank == 0)
+        topk = table.clip_topk(run["topk"], clf.meta.num_classes, say=rank == 0)
         if new_record:
             parts.write_json(new_record, {**run, "complete": False})
         files = itertools.islice(source.iter_images(), rank, None, world)  # this process's share, lazily

@@ -152,7 +152,7 @@ def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "
         lay.parts.make_dir()
         done = dataset.done_chunks(lay.parts) if resume else set()
         todo = [(i, c) for i, c in enumerate(chunks) if i not in done]
-        k = table.ranked(topk, meta.num_classes)
+        k = table.clip_topk(topk, meta.num_classes)
         if done:
             log.info("resuming %s: %d of %d chunks are written", lay.output, len(chunks) - len(todo), len(chunks))
         if todo:

@@ -61,8 +61,9 @@ def columns(topk: int) -> list[Column]:
     return cols
 
 
-def ranked(topk: int, num_classes: int, say: bool = True) -> int:
-    """The top-k the rows have: --topk, at most the model's number of classes (said once, by `say`)."""
+def clip_topk(topk: int, num_classes: int, say: bool = True) -> int:
+    """The top-k the rows have: --topk clipped to the model's number of classes; with `say`, a clipped value is
+    logged once with the columns the rows will have (the caller passes say=True in one process only)."""
     if topk > num_classes and say:
         log.info("--topk %d: the model has %d classes, so the rows rank all %d (%s)", topk, num_classes, num_classes,
                  ", ".join(c.name for c in columns(num_classes)))
