@@ -4,6 +4,9 @@ Every file is either replaced atomically (a temporary `.<name>.tmp-<pid>` beside
 rename) or is a JSON Lines log that only grows by whole lines; a crash (or a full disk) can
 then only cut the log's last line short, and every reader drops such a torn line (and the
 next append cuts it away first). A failing write becomes one sentence naming the file.
+
+Also the checks on a path that messages share: `inside` (an output inside the folder a command reads
+is refused) and `absent` (why a path is not the file or folder expected), and `printable` names.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ layout of an image-folder dataset (where training, validation and test images ar
                              exists; the validation folder itself when it is the only other split
 
 These split names are never class names. Shared by training, evaluate, export checks, predict and
-`toolkit preview`; toolkit.core.images re-exports the walking functions.
+`toolkit preview`; toolkit.core.images re-exports the walking functions. `relpaths`, `under` and
+`abspaths` give os.path's strings for long file lists, computed once per folder instead of per file.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ MIN_OPSET, MAX_OPSET = 13, 23  # --opset range offered; below 18 the graph is co
 
 
 class ExportMismatch(UserError):
-    pass
+    """A check of the exported model failed (parity with torch, NaN/Inf logits, a variant's agreement)."""
 
 
 def exportable(model: nn.Module, meta: Meta, input_dtype: str = "float32") -> nn.Module:

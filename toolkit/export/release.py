@@ -7,6 +7,10 @@ until the file passes: onnx.checker (full check), onnxruntime against torch on r
 validation images at batch sizes 1, 7 and 64, and for fp16/int8 top-1 agreement with fp32
 on the validation images. A report with versions, the input contract, parity, accuracy,
 size, sha256 and CPU latency is written next to the model as <name>.json.
+
+This file holds `export()`, the command: output checks, the order of the checks, the report, and
+writing the files together. The ONNX mechanics it calls (tracing, metadata, parity) are in onnx.py,
+the fp16 / int8 conversions in variants.py, the check images in check_data.py, the sidecars in card.py.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def default_output(checkpoint: str | Path, variant: str = "fp32") -> Path:
+    """exported/<run name>.onnx (or <file stem>.onnx for another .safetensors), <name>.<variant>.onnx for fp16/int8."""
     w = weights_path(checkpoint)
     name = w.parent.name if w.name in ("best.safetensors", "last.safetensors") else w.stem
     return Path("exported") / (f"{name}.onnx" if variant == "fp32" else f"{name}.{variant}.onnx")

@@ -1,6 +1,9 @@
 """This process's share of the files, answered: walked lazily in a deterministic order, decoded by worker
 processes a bounded number of batches ahead, run through the model, and appended one row per file as soon as
 their batch is done (a resumed output continues after the rows it holds). Numpy + PIL only, never torch.
+
+predict() in run.py calls `answer_files` once per process, after its checks and with the output locked; it
+merges the processes' parts afterwards. The rows come from table.py, the model session from runtime.py.
 """
 
 from __future__ import annotations

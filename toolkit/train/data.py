@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Split:
+    """One split's labels and its images: decoded in memory (`images`) or as files to stream (`files`)."""
+
     labels: torch.Tensor  # (N,) int64
     images: torch.Tensor | None = None  # (N, 3, H, W) uint8, when in memory
     files: list[str] | None = None  # absolute paths, when streamed
@@ -35,6 +37,8 @@ class Split:
 
 @dataclass
 class Dataset:
+    """A dataset as the training run takes it: class names (index order), the splits, where they come from."""
+
     classes: list[str]
     train: Split
     val: Split

@@ -38,7 +38,7 @@ ESTIMATE_AFTER_STEPS = 20  # optimizer steps timed before the run's duration is 
 
 
 class NonFiniteLoss(UserError):
-    pass
+    """The loss was NaN or Inf for train.max_nonfinite optimizer steps in a row."""
 
 
 def train(cfg: Config) -> Path:

@@ -56,7 +56,10 @@ class Run:
 
 
 def set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
-    """Data, model (fresh or from the resume state), optimizer, batch sources, the run folder's first files."""
+    """Data, model (fresh or from the resume state), optimizer, batch sources, the run folder's first files.
+
+    Raises UserError, before any training step, when the resume state does not fit this run (another model or
+    class list; changed files only warn) or the training set is too small for the batch size and processes."""
     for change in pretrained.apply_pretrained_defaults(cfg):
         log.info("model.pretrained: %s (the pretrained model's own)", change)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
