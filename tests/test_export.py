@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import toolkit.export.release as release
 from toolkit import UserError
 from toolkit.core import images
 from toolkit.core.meta import META_KEY, Meta, read_meta
-from toolkit.export import release as export
 from toolkit.train.batches import Normalize
 from toolkit.train.weights import build_model
 
@@ -42,7 +42,7 @@ def test_onnx_matches_torch_on_real_images(onnx_file, tiny_run, shapes_dir):
 
 
 def test_a_mismatching_graph_is_never_written(tiny_run, tmp_path, monkeypatch):
-    real = export.to_onnx
+    real = release.to_onnx
 
     def broken(module, meta, path, *args):
         with torch.no_grad():
@@ -51,17 +51,17 @@ def test_a_mismatching_graph_is_never_written(tiny_run, tmp_path, monkeypatch):
         with torch.no_grad():
             module[1].fc3.bias.sub_(0.5)
 
-    monkeypatch.setattr(export, "to_onnx", broken)
+    monkeypatch.setattr(release, "to_onnx", broken)
     out = tmp_path / "bad.onnx"
-    with pytest.raises(export.ExportMismatch, match="disagrees with torch.*nothing was written"):
-        export.export(tiny_run, out)
+    with pytest.raises(release.ExportMismatch, match="disagrees with torch.*nothing was written"):
+        release.export(tiny_run, out)
     assert not out.exists()
     assert not list(tmp_path.iterdir())  # no temporary file left behind either
 
 
 def test_default_output_and_uint8_input(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = export.export(tiny_run / "last.safetensors", input_dtype="uint8")
+    out = release.export(tiny_run / "last.safetensors", input_dtype="uint8")
     assert str(out) == f"exported/{tiny_run.name}.onnx"  # named after the run, not the weights file
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(uint8)"
@@ -70,10 +70,10 @@ def test_default_output_and_uint8_input(tiny_run, tmp_path, monkeypatch):
 
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(UserError, match="no weights at"):
-        export.export(tmp_path / "nothing.safetensors")
+        release.export(tmp_path / "nothing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="junk.safetensors' is not a readable safetensors file"):
-        export.export(tmp_path / "junk.safetensors")
+        release.export(tmp_path / "junk.safetensors")
 
 
 # --- every registered model x (fp32, fp16, int8) ----------------------------------------------
@@ -109,7 +109,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("arch", sorted(list_models()))
 def test_every_model_and_variant_exports_with_parity(arch, variant, trained, tmp_path):
     runs, data = trained
-    out = export.export(runs[arch], tmp_path / f"{arch}.onnx", variant=variant)
+    out = release.export(runs[arch], tmp_path / f"{arch}.onnx", variant=variant)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["variant"] == variant and report["opset"] >= 17
     assert report["parity_vs_torch"]["max_logit_diff"] <= report["parity_vs_torch"]["tolerance"]
@@ -138,7 +138,7 @@ def test_variants_are_smaller_and_keep_accuracy(trained, tmp_path):
     from toolkit.evaluate import evaluate_folder
 
     runs, data = trained
-    files = {v: export.export(runs["tutorial_net_bn"], tmp_path / f"m.{v}.onnx", variant=v) for v in VARIANTS}
+    files = {v: release.export(runs["tutorial_net_bn"], tmp_path / f"m.{v}.onnx", variant=v) for v in VARIANTS}
     sizes = {v: f.stat().st_size for v, f in files.items()}
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
     reference = evaluate_folder(runs["tutorial_net_bn"], data / "val")["accuracy"]
@@ -148,8 +148,8 @@ def test_variants_are_smaller_and_keep_accuracy(trained, tmp_path):
 
 def test_a_variant_below_the_agreement_bar_is_refused(trained, tmp_path):
     runs, _ = trained
-    with pytest.raises(export.ExportMismatch, match="agrees with fp32 on only .*nothing was written"):
-        export.export(runs["tutorial_net"], tmp_path / "m.onnx", variant="int8", min_agreement=1.01)
+    with pytest.raises(release.ExportMismatch, match="agrees with fp32 on only .*nothing was written"):
+        release.export(runs["tutorial_net"], tmp_path / "m.onnx", variant="int8", min_agreement=1.01)
     assert not list(tmp_path.iterdir())
 
 
@@ -205,7 +205,7 @@ def test_a_model_exported_elsewhere_works_with_stated_classes_and_preprocessing(
 
     net, meta = build_model(tiny_run)
     bare = tmp_path / "bare.onnx"
-    export.to_onnx(net.eval(), meta, bare)  # the network alone: no Normalize, no Meta
+    release.to_onnx(net.eval(), meta, bare)  # the network alone: no Normalize, no Meta
     with pytest.raises(UserError, match="no toolkit metadata; pass --classes"):
         OnnxClassifier(bare)
     fallback = {"classes": meta.class_names, "size": None, "mean": meta.mean, "std": meta.std, "resize": "center_crop"}
@@ -260,13 +260,13 @@ def test_export_never_generates_or_downloads_the_runs_data(tiny_run, tmp_path, m
     missing = tmp_path / "elsewhere" / "data"
     cfg["data"].update(kind=kind, root=str(missing), download=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    out = export.export(run, tmp_path / "m.onnx")
+    out = release.export(run, tmp_path / "m.onnx")
     assert json.loads(out.with_suffix(".json").read_text())["validation"]["source"] == "random pixels"
     assert not calls and not (tmp_path / "elsewhere").exists()  # nothing generated, downloaded or cached there
 
 
 def test_export_checks_on_the_runs_data_when_it_is_on_disk(tiny_run, shapes_dir, tmp_path):
-    out = export.export(tiny_run, tmp_path / "m.onnx")
+    out = release.export(tiny_run, tmp_path / "m.onnx")
     validation = json.loads(out.with_suffix(".json").read_text())["validation"]
     assert validation["source"] == f"shapes data at {shapes_dir}" and validation["images"] == 100
     assert validation["torch_accuracy"] == validation["onnx_accuracy"]
@@ -304,7 +304,7 @@ def test_fp16_is_verified_with_fp16_semantics(tmp_path, factor):
 
     data = two_colours(tmp_path / "data", n=8, size=32)
     ckpt = _outlier_checkpoint(tmp_path / "w.safetensors", data, factor)
-    out = export.export(ckpt, tmp_path / "m.onnx", data_dir=str(data / "val"), variant="fp16", min_agreement=0.0)
+    out = release.export(ckpt, tmp_path / "m.onnx", data_dir=str(data / "val"), variant="fp16", min_agreement=0.0)
     verified = json.loads(out.with_suffix(".json").read_text())["variant_vs_fp32"]["verified_by"]
     assert verified["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert ("range check" in verified["method"]) == (verified["provider"] == "CPUExecutionProvider")

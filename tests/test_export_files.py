@@ -10,16 +10,16 @@ import onnxruntime as ort
 import pytest
 
 from conftest import run_toolkit
+import toolkit.export.release as release
 from toolkit import UserError
 from toolkit.core.meta import read_meta
-from toolkit.export import release as export
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     """tiny_run exported with model_version 3 into a folder that holds it and its sidecars."""
     out = tmp_path_factory.mktemp("exported") / "tiny.onnx"
-    return export.export(tiny_run, out, model_version=3)
+    return release.export(tiny_run, out, model_version=3)
 
 
 def test_the_folder_holds_the_model_its_report_config_and_card(exported):
@@ -84,22 +84,22 @@ def test_export_refuses_to_overwrite_without_the_flag(exported, tiny_run):
     other.with_suffix(".README.md").write_text("my notes")  # a sidecar's name taken by someone else's file
     for overwrite in (False, True):  # is never replaced: only an earlier export's files are (its model beside them)
         with pytest.raises(UserError, match="other.README.md' exists and was not written by an export of 'other.onnx'"):
-            export.export(tiny_run, other, overwrite=overwrite)
+            release.export(tiny_run, other, overwrite=overwrite)
     assert other.with_suffix(".README.md").read_text() == "my notes" and not other.exists()
     run_record = tiny_run / "metrics.json"  # e.g. -o <run>/metrics.onnx: the report would replace a run's file
     run_record.write_text("{}")
     try:
         with pytest.raises(UserError, match="metrics.json' exists and was not written by an export"):
-            export.export(tiny_run, tiny_run / "metrics.onnx", overwrite=True)
+            release.export(tiny_run, tiny_run / "metrics.onnx", overwrite=True)
         assert run_record.read_text() == "{}"
     finally:
         run_record.unlink()
-    export.export(tiny_run, exported, overwrite=True, model_version=3)
+    release.export(tiny_run, exported, overwrite=True, model_version=3)
     assert card.is_file() and ort.InferenceSession(str(exported)).get_modelmeta().version == 3
 
 
 def test_opset_for_older_consumers(tiny_run, exported, tmp_path):
-    old = export.export(tiny_run, tmp_path / "old.onnx", opset=17)
+    old = release.export(tiny_run, tmp_path / "old.onnx", opset=17)
     model = onnx.load(str(old))
     assert {o.domain: o.version for o in model.opset_import}.get("", 0) == 17
     assert read_meta(old).extra["opset"] == 17 and json.loads(old.with_suffix(".json").read_text())["opset"] == 17
@@ -108,7 +108,7 @@ def test_opset_for_older_consumers(tiny_run, exported, tmp_path):
            for p in (old, exported)]
     np.testing.assert_allclose(run[0], run[1], atol=1e-5)
     with pytest.raises(UserError, match="--opset must be between"):
-        export.export(tiny_run, tmp_path / "x.onnx", opset=5)
+        release.export(tiny_run, tmp_path / "x.onnx", opset=5)
 
 
 def test_release_weights_say_format_pt(tiny_run):
@@ -139,13 +139,13 @@ def test_a_run_stopped_before_its_first_epoch_says_so_through_every_door(tmp_pat
     (never / "config.yaml").parent.mkdir()
     (never / "config.yaml").write_text("name: never\n")
     with pytest.raises(UserError, match="no epoch completed and no resume state was saved; train it again"):
-        export.export(never)
+        release.export(never)
 
 
 def test_a_refused_int8_export_gives_both_accuracies(tiny_run, exported, tmp_path):
     fp32 = json.loads(exported.with_suffix(".json").read_text())["validation"]["onnx_accuracy"]
-    with pytest.raises(export.ExportMismatch) as e:
-        export.export(tiny_run, tmp_path / "m.int8.onnx", variant="int8", min_agreement=1.01)
+    with pytest.raises(release.ExportMismatch) as e:
+        release.export(tiny_run, tmp_path / "m.int8.onnx", variant="int8", min_agreement=1.01)
     message = str(e.value)
     assert f"against fp32's {100 * fp32:.2f}% on these labelled images; nothing was written" in message
     assert "; its accuracy is " in message and not list(tmp_path.iterdir())
