@@ -32,6 +32,7 @@ from toolkit import UserError, __version__
 from toolkit.core.files import temp_path
 from toolkit.core.lock import Lock, lock_path, remove_stale_temps
 from toolkit.core.meta import Meta
+from toolkit.core.progress import progress_bar
 from toolkit.export.check_data import CheckData, check_data
 from toolkit.export.onnx import (CHECK_BATCHES, MAX_OPSET, MIN_OPSET, ExportMismatch, embed_meta, exportable, parity,
                                  to_onnx)
@@ -109,8 +110,6 @@ def _export(checkpoint, out: Path, model: nn.Module, meta: Meta, data_dir, input
             min_agreement: float, opset: int | None, model_version: int, command: str) -> Path:
     meta.normalize_in_graph, meta.input_dtype = True, input_dtype
     module = exportable(model, meta, input_dtype)
-    from toolkit.core.progress import progress_bar
-
     bar = progress_bar(4 if variant == "fp32" else 5, f"export {variant}: trace, check, " +
                        ("" if variant == "fp32" else f"{variant}, ") + "report")
     data = check_data(checkpoint, data_dir, meta)

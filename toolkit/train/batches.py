@@ -71,6 +71,7 @@ class TrainPlan:
             )
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """(n,) int64: the shuffle of every sample in `epoch`, from stream 0 of the seed; the same on every process."""
         return torch.randperm(self.n, generator=stream(self.seed, epoch, 0))
 
     def batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
