@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# as the `toolkit` command does (cli.OPENMP_DEFAULTS), for the trainings run inside the test process: set
+# as the `toolkit` command does (core.process.OPENMP_DEFAULTS), for the trainings run inside the test process: set
 # before anything imports torch, so parallel test workers do not slow each other down by spinning
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

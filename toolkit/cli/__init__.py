@@ -16,6 +16,7 @@ import sys
 from toolkit import UserError
 from toolkit.cli.commands import COMMANDS, resolve_config
 from toolkit.cli.parser import build_parser
+from toolkit.core.process import OPENMP_DEFAULTS
 
 __all__ = ["build_parser", "main", "missing_extra", "resolve_config"]
 
@@ -36,19 +37,13 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
     return f"{package} is not installed: {what} needs the {extra} extra: pip install 'toolkit[{extra}]'"
 
 
-# OpenMP threads that wait for work sleep instead of spinning (read by libgomp when torch is imported, so
-# set before any command imports it). Spinning threads make a small model's steps 10-60x slower as soon as
-# another process shares the cores (measured by benchmarks/cpu_threads.py); an idle machine loses little.
-OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
 # what continues an interrupted command, said when Ctrl-C stops it (rows and states already written are kept)
 RESUME_HINTS = {"train": "; the same command with train.resume=auto continues the run from its last saved state",
                 "predict": "; the same command with --resume continues the output"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    for key, value in OPENMP_DEFAULTS.items():
+    for key, value in OPENMP_DEFAULTS.items():  # before any command imports torch
         os.environ.setdefault(key, value)  # the user's own setting wins
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

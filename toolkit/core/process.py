@@ -1,4 +1,5 @@
-"""Processes that must not outlive the process that started them."""
+"""Processes that must not outlive the process that started them, and the OpenMP settings every process of
+the `toolkit` command starts with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import signal
 import sys
 import threading
 import time
+
+# OpenMP threads that wait for work sleep instead of spinning (read by libgomp when torch is imported, so
+# set before anything imports it). Spinning threads make a small model's steps 10-60x slower as soon as
+# another process shares the cores (measured by benchmarks/cpu_threads.py); an idle machine loses little.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:

@@ -62,6 +62,7 @@ class TrainPlan:
         merged = tail == 1 and full > 0  # a tail of one image joins the batch before it
         batches = full + (tail > 0) - merged
         self.num_batches = batches - batches % grad_accum
+        self.steps_per_epoch = self.num_batches // grad_accum  # optimizer steps: grad_accum batches each
         self.last_end = self.per_rank if merged and self.num_batches == batches else self.num_batches * batch_size
         if self.num_batches == 0 or self.per_rank < 2:
             raise UserError(

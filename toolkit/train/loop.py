@@ -106,7 +106,7 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
             if not accelerator.sync_gradients:
                 continue
             flags = _reduce_flags(accelerator, nonfinite=nonfinite, stop=stop.requested)  # one sync per step
-            lr = lr_at(st.step, run.total_steps, run.plan.num_batches // cfg.train.grad_accum, cfg)
+            lr = lr_at(st.step, run.total_steps, run.plan.steps_per_epoch, cfg)
             stepped = _optimizer_step(run, lr, skip=flags["nonfinite"] > 0)
             if run.ema and stepped:
                 run.ema.update(run.raw_model, st.step)
@@ -131,7 +131,7 @@ def _train_epoch(run: Run, epoch: int, stop: rundir.StopSignals) -> tuple[float,
 
 def _log_estimate(run: Run, epoch: int, per_step_s: float) -> None:
     """'about N s per epoch, about M min for the run', from the first steps of this process (training only)."""
-    epoch_s = per_step_s * (run.plan.num_batches // run.cfg.train.grad_accum)
+    epoch_s = per_step_s * (run.plan.steps_per_epoch)
     left = epoch_s * (run.cfg.train.epochs - epoch)
     log.info("about %.0f s per epoch, about %.1f min for the run (%d epochs; from the first %d steps, evaluation "
              "not counted)", epoch_s, left / 60, run.cfg.train.epochs - epoch, ESTIMATE_AFTER_STEPS)
@@ -172,7 +172,7 @@ def _optimizer_step(run: Run, lr: float, skip: bool) -> bool:
     st.nonfinite_run = 0
     if cfg.train.clip_grad_norm > 0:
         run.accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.clip_grad_norm)
-    set_lr(optimizer, lr, st.step, run.plan.num_batches // cfg.train.grad_accum, cfg)
+    set_lr(optimizer, lr, st.step, run.plan.steps_per_epoch, cfg)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return True

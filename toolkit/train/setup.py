@@ -19,6 +19,7 @@ import toolkit.train.state as state
 from toolkit import UserError
 from toolkit.config import Config
 from toolkit.core.meta import Meta
+from toolkit.core.process import OPENMP_DEFAULTS
 from toolkit.train.augment import Augment
 from toolkit.train.batches import BatchSource, Normalize, TrainPlan, eval_shards
 from toolkit.train.ema import WeightEma
@@ -96,7 +97,7 @@ def set_up(cfg: Config, accelerator, run_dir: Path) -> Run:
                         extra={"train_command": rundir.command_line()} if rundir.command_line() else {}),
               criterion=CrossEntropy(cfg.train.label_smoothing),  # labels or mixed soft targets; ignores label -100
               augment=Augment.from_config(cfg.data, cfg.seed, len(ds.classes)),
-              total_steps=plan.num_batches // cfg.train.grad_accum * cfg.train.epochs, ema=ema)
+              total_steps=plan.steps_per_epoch * cfg.train.epochs, ema=ema)
     if accelerator.is_main_process:
         rundir.open_run_dir(run_dir, cfg, st.epoch if state_path else None, st.branch, state_path)
         _log_start(run)
@@ -150,9 +151,10 @@ def _log_start(run: Run) -> None:
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
     log.info("global batch = %d per process x %d processes x %d accumulation = %d images; %d steps per epoch",
              cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum, global_batch,
-             run.plan.num_batches // cfg.train.grad_accum)
-    if accelerator.device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
-        # the `toolkit` command sets it before torch is imported; code calling train() has to do it itself
-        log.info("OMP_WAIT_POLICY is not set, so torch's OpenMP threads spin while they wait: with other processes "
-                 "on these cores, small steps can be several times slower; set OMP_WAIT_POLICY=PASSIVE before "
-                 "importing torch (the toolkit command does)")
+             run.plan.steps_per_epoch)
+    unset = {k: v for k, v in OPENMP_DEFAULTS.items() if k not in os.environ}
+    if accelerator.device.type == "cpu" and torch.get_num_threads() > 1 and unset:
+        # the `toolkit` command sets them before torch is imported; code calling train() has to do it itself
+        log.info("%s is not set, so torch's OpenMP threads spin while they wait: with other processes on these "
+                 "cores, small steps can be several times slower; set %s before importing torch (the toolkit "
+                 "command does)", ", ".join(unset), " ".join(f"{k}={v}" for k, v in unset.items()))
