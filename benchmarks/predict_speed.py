@@ -83,7 +83,7 @@ def decode_only(folder: Path, size: int) -> float:
     files = images.find_images(folder)
     start = time.perf_counter()
     with images.Decoder() as decoder:
-        n = sum(len(b.paths) for b in decoder.batches(folder, files, size, batch_size=128))
+        n = sum(len(b.paths) for b in decoder.batches(folder, files, images.Preprocess(size), batch_size=128))
     return n / (time.perf_counter() - start)
 
 

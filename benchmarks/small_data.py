@@ -88,7 +88,8 @@ def svm_here(data: str, size: int, grey: bool) -> dict:
 
     def load(folder: Path):
         found = folders.find_labelled(folder)
-        x = np.stack([images.load(folder / p, size, "center_crop") for p in found.paths]).astype(np.float32) / 255
+        prep = images.Preprocess(size, "center_crop")
+        x = np.stack([images.load(folder / p, prep) for p in found.paths]).astype(np.float32) / 255
         x = x.mean(3) if grey else x
         return x.reshape(len(x), -1), np.array([found.classes[i] for i in found.labels])
 

@@ -32,7 +32,7 @@ def test_file_is_self_describing_with_a_dynamic_batch(onnx_file, tiny_run):
 def test_onnx_matches_torch_on_real_images(onnx_file, tiny_run, shapes_dir):
     net, meta = build_model(tiny_run)
     files = images.find_images(shapes_dir / "val")[::7][:13]
-    px = np.stack([images.load(shapes_dir / "val" / f, 32) for f in files])  # (13, 32, 32, 3)
+    px = np.stack([images.load(shapes_dir / "val" / f, images.Preprocess(32)) for f in files])  # (13, 32, 32, 3)
     with torch.no_grad():
         ref = net(Normalize(meta.mean, meta.std)(torch.from_numpy(px).permute(0, 3, 1, 2))).numpy()
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -121,7 +121,8 @@ def test_every_model_and_variant_exports_with_parity(arch, variant, trained, tmp
 
     # independently: the file answers at batch 1, 7 and 64 like torch does on real images
     net, meta = build_model(runs[arch])
-    px = np.stack([images.load(data / "val" / f, meta.image_size) for f in images.find_images(data / "val")])
+    prep = images.Preprocess.of(meta)
+    px = np.stack([images.load(data / "val" / f, prep) for f in images.find_images(data / "val")])
     px = np.concatenate([px] * 3)[:64]
     with torch.no_grad():
         ref = net(Normalize(meta.mean, meta.std)(torch.from_numpy(px).permute(0, 3, 1, 2))).numpy()
@@ -156,7 +157,7 @@ def test_a_variant_below_the_agreement_bar_is_refused(trained, tmp_path):
 def test_independent_runtime_opencv_gives_the_same_top1(onnx_file, shapes_dir):
     cv2 = pytest.importorskip("cv2")  # opencv-python-headless, installed by the dev extra
     files = images.find_images(shapes_dir / "val")
-    x = np.stack([images.load(shapes_dir / "val" / f, 32) for f in files]).transpose(0, 3, 1, 2)
+    x = np.stack([images.load(shapes_dir / "val" / f, images.Preprocess(32)) for f in files]).transpose(0, 3, 1, 2)
     x = x.astype(np.float32) / 255
     net = cv2.dnn.readNetFromONNX(str(onnx_file))
     net.setInput(x)
@@ -310,7 +311,7 @@ def test_fp16_is_verified_with_fp16_semantics(tmp_path, factor):
     assert ("range check" in verified["method"]) == (verified["provider"] == "CPUExecutionProvider")
     assert (verified["max_abs_value"] > 65504) == (factor > 1) and bool(verified["nodes_kept_fp32"]) == (factor > 1)
     assert read_meta(out).extra["verified_by"]["provider"] == verified["provider"]
-    px = np.stack([images.load(data / "val" / f, 32) for f in images.find_images(data / "val")])
+    px = np.stack([images.load(data / "val" / f, images.Preprocess(32)) for f in images.find_images(data / "val")])
     x = px.transpose(0, 3, 1, 2).astype(np.float32) / 255
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy reports an overflow itself

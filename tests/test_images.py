@@ -17,30 +17,30 @@ def _save(img, path, **kw):
 
 def test_modes_become_rgb(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
-    p = images.load(_save(rgba, tmp_path / "a.png"), 8)
+    p = images.load(_save(rgba, tmp_path / "a.png"), images.Preprocess(8))
     assert p.shape == (8, 8, 3) and (p == 255).all()  # alpha composited over white
 
     pal = Image.new("P", (8, 8), 1)
     pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     pal.info["transparency"] = 0
-    assert tuple(images.load(_save(pal, tmp_path / "p.png", transparency=0), 8)[0, 0]) == (10, 200, 30)
+    assert tuple(images.load(_save(pal, tmp_path / "p.png", transparency=0), images.Preprocess(8))[0, 0]) == (10, 200, 30)
 
     la = Image.new("LA", (8, 8), (100, 255))
-    assert tuple(images.load(_save(la, tmp_path / "la.png"), 8)[0, 0]) == (100, 100, 100)
+    assert tuple(images.load(_save(la, tmp_path / "la.png"), images.Preprocess(8))[0, 0]) == (100, 100, 100)
 
     grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     assert grey16.mode.startswith("I")
-    assert (images.load(_save(grey16, tmp_path / "g16.png"), 8) == 255).all()
+    assert (images.load(_save(grey16, tmp_path / "g16.png"), images.Preprocess(8)) == 255).all()
 
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red
-    r, g, b = images.load(_save(cmyk, tmp_path / "c.jpg", quality=100), 8)[4, 4]
+    r, g, b = images.load(_save(cmyk, tmp_path / "c.jpg", quality=100), images.Preprocess(8))[4, 4]
     assert r > 200 and g < 60 and b < 60
 
 
 def test_first_frame_of_animations(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    r, g, b = images.load(tmp_path / "anim.gif", 8)[0, 0]
+    r, g, b = images.load(tmp_path / "anim.gif", images.Preprocess(8))[0, 0]
     assert r > 200 and b < 50
 
 
@@ -59,13 +59,13 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_resize_policies():
     img = Image.new("RGB", (40, 20), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 10, 20))  # white left quarter
-    crop = images.resize(img, 10, "center_crop")
-    squash = images.resize(img, 10, "squash")
+    crop = images.resize(img, images.Preprocess(10, "center_crop"))
+    squash = images.resize(img, images.Preprocess(10, "squash"))
     assert crop.shape == squash.shape == (10, 10, 3)
     assert crop[:, 0].mean() < 40  # the centre crop cut the white quarter away
     assert squash[:, 0].mean() > 200  # squashing keeps it
     same = np.asarray(Image.new("RGB", (10, 10), (1, 2, 3)))
-    assert (images.resize(Image.fromarray(same), 10) == same).all()  # right size: pixels untouched
+    assert (images.resize(Image.fromarray(same), images.Preprocess(10)) == same).all()  # right size: pixels untouched
 
 
 @pytest.mark.parametrize("name, make, reason", [
@@ -79,7 +79,7 @@ def test_bad_files_give_short_reasons(tmp_path, name, make, reason):
     path = tmp_path / name
     make(path)
     with pytest.raises(images.DecodeError, match=reason):
-        images.load(path, 8)
+        images.load(path, images.Preprocess(8))
 
 
 def test_truncated_image(tmp_path):
@@ -87,7 +87,7 @@ def test_truncated_image(tmp_path):
     data = (tmp_path / "t.png").read_bytes()
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(images.DecodeError, match="corrupt image|truncated"):
-        images.load(tmp_path / "t.png", 8)
+        images.load(tmp_path / "t.png", images.Preprocess(8))
 
 
 def test_pixel_cap_is_checked_from_the_header(tmp_path, monkeypatch):
@@ -107,7 +107,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image, "open", deny)
     with pytest.raises(images.DecodeError, match="permission denied"):
-        images.load(tmp_path / "locked.png", 4)
+        images.load(tmp_path / "locked.png", images.Preprocess(4))
 
 
 def test_walk_is_deterministic_recursive_and_case_insensitive(tmp_path):
@@ -151,7 +151,7 @@ def test_decode_batches_keeps_order_and_reports_each_file(tmp_path):
         names.append(name)
     rng.shuffle(names)
     for workers in (1, 2):
-        batches = list(images.decode_batches(tmp_path, iter(names), 4, "squash", batch_size=16, workers=workers))
+        batches = list(images.decode_batches(tmp_path, iter(names), images.Preprocess(4, "squash"), batch_size=16, workers=workers))
         assert [p for b in batches for p in b.paths] == names
         for b in batches:
             good = [int(p[:3]) for p, ok in zip(b.paths, b.ok) if ok]
@@ -167,7 +167,7 @@ def test_a_thin_image_does_not_blow_up_memory(tmp_path):
     Image.new("L", (1, 3_000_000), 200).save(tmp_path / "thin.png")  # a few KB on disk
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    out = images.load(tmp_path / "thin.png", 32)
+    out = images.load(tmp_path / "thin.png", images.Preprocess(32))
     assert out.shape == (32, 32, 3) and (out == 200).all()
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, grown_mb  # resizing the whole strip first would take about 9 GB
@@ -178,7 +178,7 @@ def test_dark_16_bit_images_stay_dark(tmp_path):
     dark = Image.fromarray(np.full((8, 8), 256, dtype=np.uint16))  # 256 of 65535: nearly black
     assert dark.mode.startswith("I;16")
     dark.save(tmp_path / "dark16.png")
-    assert images.load(tmp_path / "dark16.png", 8).max() <= 1
+    assert images.load(tmp_path / "dark16.png", images.Preprocess(8)).max() <= 1
 
 
 def test_very_deep_folders_are_walked(tmp_path):
@@ -241,7 +241,7 @@ def _keyed(mode: str, path):
                                        ("L", "png"), ("1", "png"), ("I;16", "png"), ("WEBP", "webp")])
 def test_every_kind_of_transparency_is_composited_over_white(tmp_path, mode, ext):
     path, centre = _keyed(mode, tmp_path / f"t.{ext}")
-    px = images.load(path, 16)
+    px = images.load(path, images.Preprocess(16))
     assert tuple(px[0, 0]) == (255, 255, 255)  # the key colour (magenta, black, 1000) never leaks through
     assert tuple(px[8, 8]) == centre
 
@@ -258,7 +258,7 @@ def test_the_extension_list_is_what_the_decoder_reads(tmp_path):
     assert found == ["a.jfif", "b.jpe", "c.ppm", "d.pgm", "e.tga", "f.JPG"]
     assert dict(skipped) == {".txt": 1, ".csv": 1, "(none)": 1, ".mpg": 1}
     for name in found:  # red, or red in grey (the .pgm): 0.299 * 220 + 0.587 * 30 + 0.114 * 30
-        assert images.load(tmp_path / name, 8)[4, 4, 0] in (range(80, 95) if name.endswith(".pgm") else range(200, 240))
+        assert images.load(tmp_path / name, images.Preprocess(8))[4, 4, 0] in (range(80, 95) if name.endswith(".pgm") else range(200, 240))
 
 
 def test_tiffs_pil_cannot_decode_are_read_with_tifffile(tmp_path):
@@ -269,14 +269,16 @@ def test_tiffs_pil_cannot_decode_are_read_with_tifffile(tmp_path):
     tifffile.imwrite(tmp_path / "planar.tif", (rgb * 65535).astype(np.uint16).transpose(2, 0, 1), planarconfig="separate",
                      photometric="rgb")
     tifffile.imwrite(tmp_path / "float_grey.tif", grad)  # PIL reads this one itself (mode F): the same rule
-    px = images.load(tmp_path / "float_rgb.tif", 16, "squash")
+    squash = images.Preprocess(16, "squash")
+    px = images.load(tmp_path / "float_rgb.tif", squash)
     assert tuple(px[0, 0]) == (0, 255, 128) and tuple(px[0, 15]) == (255, 0, 128)
-    assert np.abs(images.load(tmp_path / "planar.tif", 16, "squash").astype(int) - px).max() <= 1  # 16-bit: PIL truncates
-    assert tuple(images.load(tmp_path / "float_grey.tif", 16, "squash")[0, 15]) == (255, 255, 255)
+    assert np.abs(images.load(tmp_path / "planar.tif", squash).astype(int) - px).max() <= 1  # 16-bit: PIL truncates
+    assert tuple(images.load(tmp_path / "float_grey.tif", squash)[0, 15]) == (255, 255, 255)
     tifffile.imwrite(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8), photometric="minisblack",
                      planarconfig="contig")
     with pytest.raises(images.DecodeError, match=r"^unsupported image format \(TIFF with 5 samples"):
-        images.load(tmp_path / "five.tif", 8)
+        images.load(tmp_path / "five.tif", images.Preprocess(8))
     (tmp_path / "photo.jpg").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))  # a HEIC photo named .jpg
     with pytest.raises(images.DecodeError, match=r"^unsupported image format \(HEIC"):
-        images.load(tmp_path / "photo.jpg", 8)
+        images.load(tmp_path / "photo.jpg", images.Preprocess(8))
+

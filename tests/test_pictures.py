@@ -40,7 +40,7 @@ def test_preview_grid_and_counts(shapes_dir, tmp_path):
 def test_inspect_shows_the_numbers(shapes_dir):
     path = next((shapes_dir / "train" / "ring").iterdir())
     text = pictures.inspect(path, size=16, mean=[0.5] * 3, std=[0.25] * 3)
-    x = (images.load(path, 16).astype(np.float32) / 255 - 0.5) / 0.25
+    x = (images.load(path, images.Preprocess(16)).astype(np.float32) / 255 - 0.5) / 0.25
     assert "PNG, mode RGB, 32 x 32 pixels" in text
     assert "shape (3, 16, 16), dtype float32" in text
     red = [line for line in text.splitlines() if line.strip().startswith("R ")][0].split()

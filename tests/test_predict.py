@@ -49,7 +49,7 @@ def test_every_file_gets_one_row_with_the_right_answer(onnx_file, corpus, tmp_pa
     clf = OnnxClassifier(onnx_file)
     for r in rows:
         if not r["error"]:
-            px = images.load(root / r["path"], 32)[None]
+            px = images.load(root / r["path"], images.Preprocess(32))[None]
             assert clf.meta.class_names[int(clf.logits(px).argmax())] == r["top1_label"], r["path"]
             scores = [r["top1_score"], r["top2_score"], r["top3_score"]]
             assert scores == sorted(scores, reverse=True) and len({r["top1_label"], r["top2_label"], r["top3_label"]}) == 3
@@ -226,7 +226,7 @@ def test_the_decoder_streams(shapes_dir):
 
     files = [f"star/{f}" for f in sorted(os.listdir(shapes_dir / "val" / "star"))]
     with images.Decoder(2) as decoder:
-        stream = decoder.batches(shapes_dir / "val", itertools.cycle(files), 32, batch_size=8)
+        stream = decoder.batches(shapes_dir / "val", itertools.cycle(files), images.Preprocess(32), batch_size=8)
         first = list(itertools.islice(stream, 5))
     assert [len(b.paths) for b in first] == [8] * 5 and all(b.ok.all() for b in first)
 

@@ -146,7 +146,8 @@ def test_object_storage_in_and_out_gives_the_same_rows(ray_address, s3, onnx_fil
     bucket = Location("s3://bucket/in")
     assert list(bucket.iter_images()) == images.find_images(root)  # the local walk's order
     blob = bucket.read_files(["stars/" + sorted(os.listdir(root / "stars"))[0], "bad/gone.png"])
-    assert (images.load(blob[0], 32) == images.load(root / "stars" / sorted(os.listdir(root / "stars"))[0], 32)).all()
+    prep = images.Preprocess(32)
+    assert (images.load(blob[0], prep) == images.load(root / "stars" / sorted(os.listdir(root / "stars"))[0], prep)).all()
     assert str(blob[1]) == "missing or dangling link"
 
     ref, ref_pq = tmp_path / "ref.csv", tmp_path / "ref.parquet"
@@ -350,3 +351,4 @@ def test_a_deleted_output_is_predicted_again_and_a_busy_one_refused(ray_address,
         owner.wait()
     assert len(list(table.read_rows(out))) == 100
     assert not Lock(lock_path(out), "x").acquire().release()  # nothing left holding it
+

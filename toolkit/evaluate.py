@@ -78,8 +78,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int, files=No
     k = meta.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
     failed, pos = 0, 0
-    for batch in decoder.batches(data_dir, paths, meta.image_size, meta.resize, batch_size,
-                                 interpolation=meta.interpolation):
+    for batch in decoder.batches(data_dir, paths, images.Preprocess.of(meta), batch_size):
         y = truth[pos : pos + len(batch.paths)][batch.ok]
         pos += len(batch.paths)
         failed += int((~batch.ok).sum())

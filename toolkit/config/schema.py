@@ -13,7 +13,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-from toolkit.core.meta import DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
+from toolkit.core.meta import DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Preprocess
 
 
 @dataclass
@@ -49,6 +49,10 @@ class DataConfig:
     download: bool = True  # cifar10: download when root has no copy
     train_per_class: int = 500  # shapes: images generated per class
     val_per_class: int = 100  # shapes: validation images generated per class
+
+    def decoding(self) -> Preprocess:
+        """The decode settings of this data: what every training-side decode and the decode cache key take."""
+        return Preprocess(self.image_size, self.resize, self.max_image_pixels, self.interpolation)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 decode -> RGB uint8 -> resize (policy, filter) is defined here once and used by training's
 validation, the export check and prediction, so that `predict` sees exactly the pixels
-that validation saw. Normalisation (mean/std) happens later, on the device or inside
+that validation saw. Its settings (size, policy, filter, pixel cap) travel as one
+meta.Preprocess. Normalisation (mean/std) happens later, on the device or inside
 the exported graph. numpy and PIL only: predict imports this without torch.
 """
 
@@ -23,7 +24,8 @@ from PIL import Image, ImageFile, ImageOps
 from toolkit.core import formats
 from toolkit.core.folders import Labelled, find_images, find_labelled, iter_images  # noqa: F401  (this module's API)
 from toolkit.core.formats import image_extensions, is_image_name  # noqa: F401  (this module's API)
-from toolkit.core.meta import DEFAULT_INTERPOLATION, INTERPOLATIONS, MAX_PIXELS, RESIZE_POLICIES  # noqa: F401 (API)
+from toolkit.core.meta import (DEFAULT_INTERPOLATION, INTERPOLATIONS, MAX_PIXELS, RESIZE_POLICIES,  # noqa: F401 (API)
+                                Preprocess)
 
 log = logging.getLogger(__name__)
 FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # Meta.interpolation -> PIL
@@ -147,9 +149,8 @@ def normalization(mean, std, scale: float = 1 / 255) -> tuple[np.ndarray, np.nda
     return (scale / std).astype(np.float32), (-mean / std).astype(np.float32)
 
 
-def resize(img: Image.Image, size: int, policy: str = "center_crop",
-           interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
-    """RGB PIL image -> (size, size, 3) uint8.
+def resize(img: Image.Image, prep: Preprocess) -> np.ndarray:
+    """RGB PIL image -> (prep.size, prep.size, 3) uint8, by prep.resize with the filter prep.interpolation.
 
     center_crop: scale the shorter side to `size` and cut the centre square.
     squash: scale both sides to `size`, ignoring the aspect ratio.
@@ -157,6 +158,7 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop",
     widen with the scale). Raises ValueError for an unknown policy or filter.
     """
     w, h = img.size
+    size, policy, interpolation = prep.size, prep.resize, prep.interpolation
     if interpolation not in FILTERS:
         raise ValueError(f"unknown interpolation '{interpolation}'; use one of {', '.join(FILTERS)}")
     if (w, h) != (size, size):
@@ -171,11 +173,11 @@ def resize(img: Image.Image, size: int, policy: str = "center_crop",
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load(path: str | Path | bytes, size: int, policy: str = "center_crop", max_pixels: int = MAX_PIXELS,
-         interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
-    """The preprocessing definition: file (a path or its bytes) -> (size, size, 3) uint8 RGB. Raises DecodeError."""
-    img = open_rgb(path, max_pixels=max_pixels, draft_size=size)
-    return resize(img, size, policy, interpolation)
+def load(path: str | Path | bytes, prep: Preprocess) -> np.ndarray:
+    """The preprocessing definition: file (a path or its bytes) -> (prep.size, prep.size, 3) uint8 RGB.
+    Raises DecodeError."""
+    img = open_rgb(path, max_pixels=prep.max_pixels, draft_size=prep.size)
+    return resize(img, prep)
 
 
 # --- decoding many files in parallel ---------------------------------------------------------
@@ -193,8 +195,7 @@ class Batch:
         return ["" if ok else self.errors.get(i) or "unreadable" for i, ok in enumerate(self.ok)]
 
 
-def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels: int,
-                 blobs: list | None = None, interpolation: str = DEFAULT_INTERPOLATION) -> Batch:
+def decode_chunk(paths: list[str], root: str, prep: Preprocess, blobs: list | None = None) -> Batch:
     """Decode `paths` (relative to `root`) into one Batch; never raises for a bad file.
 
     `blobs`: the files' contents already read (object storage), one per path: bytes, or a
@@ -206,13 +207,13 @@ def decode_chunk(paths: list[str], root: str, size: int, policy: str, max_pixels
             source = os.path.join(root, rel) if blobs is None else blobs[i]
             if isinstance(source, DecodeError):
                 raise source
-            arrays.append(load(source, size, policy, max_pixels, interpolation))
+            arrays.append(load(source, prep))
             ok[i] = True
         except DecodeError as e:
             errors[i] = str(e)
         except MemoryError:
             errors[i] = "out of memory while decoding"
-    pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    pixels = np.stack(arrays) if arrays else np.zeros((0, prep.size, prep.size, 3), np.uint8)
     return Batch(paths, pixels, ok, errors)
 
 
@@ -272,12 +273,10 @@ class Decoder:
         while pending:
             yield pending.popleft().result()
 
-    def batches(self, root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                batch_size: int = 64, max_pixels: int = MAX_PIXELS,
-                interpolation: str = DEFAULT_INTERPOLATION) -> Iterator[Batch]:
+    def batches(self, root: str | Path, paths: Iterable[str], prep: Preprocess,
+                batch_size: int = 64) -> Iterator[Batch]:
         """Decode `paths` (relative to `root`) in batches of `batch_size`, in order."""
-        return self.map(decode_chunk, chunked(paths, batch_size), str(root), size, policy, max_pixels, None,
-                        interpolation)
+        return self.map(decode_chunk, chunked(paths, batch_size), str(root), prep)
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -288,9 +287,8 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
     return iter(lambda: list(itertools.islice(items, size)), [])
 
 
-def decode_batches(root: str | Path, paths: Iterable[str], size: int, policy: str = "center_crop",
-                   batch_size: int = 64, workers: int | None = None, max_pixels: int = MAX_PIXELS,
-                   interpolation: str = DEFAULT_INTERPOLATION) -> Iterator[Batch]:
+def decode_batches(root: str | Path, paths: Iterable[str], prep: Preprocess, batch_size: int = 64,
+                   workers: int | None = None) -> Iterator[Batch]:
     """Decoder(workers).batches(...) for one pass over `paths`."""
     with Decoder(workers) as decoder:
-        yield from decoder.batches(root, paths, size, policy, batch_size, max_pixels, interpolation)
+        yield from decoder.batches(root, paths, prep, batch_size)

@@ -4,6 +4,7 @@ It is stored in the safetensors header and in the ONNX metadata_props under the 
 `toolkit_meta`, and it is everything a runtime needs to use the model: class names in
 index order, the input contract (size, resize policy and filter, mean/std, dtype, layout, whether
 normalisation is inside the graph), the metrics at save time and the config hash.
+Preprocess is the decoding part of that contract as one object (from a Meta or a DataConfig).
 JSON only: never str() and eval(). No torch here: predict reads it.
 """
 
@@ -42,6 +43,24 @@ def short(value, limit: int = 60) -> str:
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # per channel, on the [0, 1] scale
 IMAGENET_STD = [0.229, 0.224, 0.225]
 MAX_PIXELS = 89_478_485  # decompression-bomb cap, pixels per image (PIL's own default)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The decode settings: file -> (size, size, 3) uint8 RGB (core.images.load). One object, built from the
+    training config (DataConfig.decoding) or from a model's Meta (Preprocess.of), passed whole to every decode
+    function, hashed whole into the training decode cache's key: a new field reaches every caller and the key.
+    Field order is the cache key's order (train/cache.py): add new fields at the end."""
+
+    size: int  # pixels per side of the output
+    resize: str = "center_crop"  # center_crop | squash (see images.resize)
+    max_pixels: int = MAX_PIXELS  # refuse larger images before decoding their pixels (decompression bombs)
+    interpolation: str = DEFAULT_INTERPOLATION  # bilinear | bicubic: the resize filter
+
+    @classmethod
+    def of(cls, meta: Meta, max_pixels: int = MAX_PIXELS) -> Preprocess:
+        """The decoding a model file asks for (its input contract), with the caller's pixel cap."""
+        return cls(meta.image_size, meta.resize, max_pixels, meta.interpolation)
 
 
 @dataclass

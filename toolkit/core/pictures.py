@@ -269,7 +269,7 @@ def inspect(path: str | Path, size: int = 32, resize: str = "center_crop", mean=
         with Image.open(path) as raw:
             fmt, mode, (w, h), frames = raw.format, raw.mode, raw.size, getattr(raw, "n_frames", 1)
         rgb = np.asarray(images.open_rgb(path))
-        x = images.load(path, size, resize, interpolation=interpolation)
+        x = images.load(path, images.Preprocess(size, resize, interpolation=interpolation))
     except images.DecodeError as e:
         raise UserError(f"'{path}' cannot be read as an image: {e}") from None
     except (OSError, Image.UnidentifiedImageError):

@@ -51,8 +51,7 @@ def check_data(checkpoint: str | Path, data_dir: str | None, meta: Meta) -> Chec
         else:
             labels = np.array([meta.class_names.index(classes[i]) for i in labels])
         picked = _spread(len(rel), MAX_EVAL_IMAGES)
-        batch = images.decode_chunk([rel[i] for i in picked], str(root), meta.image_size, meta.resize,
-                                     images.MAX_PIXELS, interpolation=meta.interpolation)
+        batch = images.decode_chunk([rel[i] for i in picked], str(root), images.Preprocess.of(meta))
         px = batch.pixels
         if len(px):
             return CheckData(px, labels[picked][batch.ok] if labels is not None else None,

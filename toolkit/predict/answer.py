@@ -47,19 +47,17 @@ def _load_session(model: str, fallback: dict | None, outputs: str) -> None:
 
 
 def _answer(paths: list[str], source: Location, model: str, fallback: dict | None, outputs: str, topk: int,
-            max_pixels: int) -> list[dict]:
+            prep: images.Preprocess) -> list[dict]:
     """In a worker: decode `paths` and predict them; -> their rows."""
     if model not in _SESSIONS:
         _load_session(model, fallback, outputs)
     clf = _SESSIONS[model]
-    m = clf.meta
-    return _rows(clf, source.decode(paths, m.image_size, m.resize, max_pixels, m.interpolation), topk)
+    return _rows(clf, source.decode(paths, prep), topk)
 
 
-def _decode(paths: list[str], source: Location, size: int, policy: str, max_pixels: int,
-            interpolation: str) -> images.Batch:
+def _decode(paths: list[str], source: Location, prep: images.Preprocess) -> images.Batch:
     """In a worker (GPU runs): decode only."""
-    return source.decode(paths, size, policy, max_pixels, interpolation)
+    return source.decode(paths, prep)
 
 
 def answer_files(source: Location, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
@@ -94,15 +92,15 @@ def answer_files(source: Location, target: Path, run: dict, rank: int, world: in
         todo = sum(1 for _ in itertools.islice(source.iter_images(skipped), rank, None, world)) - tally.rows
         bar = progress_bar(todo, f"predicting {todo} files" + (f" (process 1 of {world})" if world > 1 else ""),
                            enabled=rank == 0)
+        prep = images.Preprocess.of(clf.meta, max_pixels)  # the model's decoding, this run's pixel cap
         try:
             if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
                 _SESSIONS[model] = clf  # used when there are no worker processes
                 answers = decoder.map(_answer, images.chunked(files, batch_size), source, model, fallback,
-                                      outputs, topk, max_pixels)
+                                      outputs, topk, prep)
             else:  # one GPU session here; the workers only decode
                 answers = (_rows(clf, b, topk) for b in decoder.map(_decode, images.chunked(files, batch_size), source,
-                                                                    clf.meta.image_size, clf.meta.resize, max_pixels,
-                                                                    clf.meta.interpolation))
+                                                                    prep))
             for rows in answers:
                 writer.write(rows)
                 for row in rows:

@@ -220,8 +220,7 @@ def run_chunks(todo: list[tuple[int, list[str]]], model: Path, sha256: str, meta
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # one chunk per block: retried alone
         if p.decode_cpus:
             ds = ds.map_batches(decode_chunks, batch_size=1, batch_format="numpy", num_cpus=p.decode_cpus,
-                                fn_kwargs={"source": source, "size": meta.image_size, "policy": meta.resize,
-                                           "max_pixels": max_pixels, "interpolation": meta.interpolation},
+                                fn_kwargs={"source": source, "prep": images.Preprocess.of(meta, max_pixels)},
                                 **extra)
         device_here = "cuda" if p.actor_gpus else "cpu"
         ds = ds.map_batches(ChunkPredictor, batch_size=1, batch_format="numpy",

@@ -54,8 +54,8 @@ class ChunkPredictor:
                 decoded = [_unpack(batch, i, meta.image_size)]
             else:
                 paths = [os.fsdecode(p) for p in batch["paths"][i]]
-                decoded = (self.source.decode(sub, meta.image_size, meta.resize, self.max_pixels, meta.interpolation)
-                           for sub in images.chunked(paths, self.batch_size))
+                prep = images.Preprocess.of(meta, self.max_pixels)
+                decoded = (self.source.decode(sub, prep) for sub in images.chunked(paths, self.batch_size))
             rows = []
             for b in decoded:
                 probs = self.clf.probabilities(b.pixels) if len(b.pixels) else np.zeros((0, meta.num_classes))
@@ -65,15 +65,14 @@ class ChunkPredictor:
         return {"chunk": np.asarray(batch["chunk"]), "rows": np.asarray(rows_written)}
 
 
-def decode_chunks(batch: dict[str, np.ndarray], source: Location, size: int, policy: str,
-                  max_pixels: int, interpolation: str) -> dict[str, np.ndarray]:
+def decode_chunks(batch: dict[str, np.ndarray], source: Location, prep: images.Preprocess) -> dict[str, np.ndarray]:
     """A Ray task (GPU runs): decode whole chunks into packed uint8 pixels for the GPU actors."""
     out = {"chunk": [], "paths": [], "pixels": [], "ok": [], "errors": []}
     for chunk, paths in zip(batch["chunk"], batch["paths"]):
-        b = source.decode([os.fsdecode(p) for p in paths], size, policy, max_pixels, interpolation)
+        b = source.decode([os.fsdecode(p) for p in paths], prep)
         out["chunk"].append(chunk)
         out["paths"].append(list(paths))
-        out["pixels"].append(b.pixels.tobytes())  # (k, size, size, 3) uint8, k = ok.sum()
+        out["pixels"].append(b.pixels.tobytes())  # (k, prep.size, prep.size, 3) uint8, k = ok.sum()
         out["ok"].append(b.ok.tobytes())
         out["errors"].append(json.dumps({str(k): v for k, v in b.errors.items()}))
     return {k: _column(v) for k, v in out.items()}

@@ -156,11 +156,11 @@ class Location:
                 out.append(images.DecodeError(f"unreadable ({str(v).splitlines()[0][:120] if str(v) else type(v).__name__})"))
         return out
 
-    def decode(self, rels: list[str], size: int, policy: str, max_pixels: int, interpolation: str) -> images.Batch:
+    def decode(self, rels: list[str], prep: images.Preprocess) -> images.Batch:
         """The shared preprocessing of files under this folder; never raises for a bad file."""
         if not self.url:
-            return images.decode_chunk(rels, self.text, size, policy, max_pixels, interpolation=interpolation)
-        return images.decode_chunk(rels, "", size, policy, max_pixels, self.read_files(rels), interpolation)
+            return images.decode_chunk(rels, self.text, prep)
+        return images.decode_chunk(rels, "", prep, self.read_files(rels))
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -115,8 +115,7 @@ class FileImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            c = self.cfg
-            a = images.load(self.files[i], c.image_size, c.resize, c.max_image_pixels, c.interpolation)
+            a = images.load(self.files[i], self.cfg.decoding())
             return torch.from_numpy(a).permute(2, 0, 1), self.labels[i]
         except images.DecodeError as e:
             log.warning("skipping %s: %s", self.files[i], e)

@@ -1,8 +1,9 @@
 """Decode a list of image files once, in parallel, into one uint8 array, cached on disk.
 
 The cache key is a fingerprint of everything that decides the pixels: the file list with
-each file's size and modification time, the image size, the resize policy and filter, and the
-pixel cap. A changed, added or removed file changes the key, so a stale cache is never served.
+each file's size and modification time, and every decode setting (core.meta.Preprocess: the image
+size, the resize policy and filter, the pixel cap). A changed, added or removed file changes the key,
+so a stale cache is never served.
 Location: data.cache_dir, else $TOOLKIT_CACHE_DIR, else ~/.cache/toolkit (XDG_CACHE_HOME
 respected). Entries are written to a temporary folder and renamed, so a crash never
 leaves a half-written entry that looks complete. The marker records the shape and byte size
@@ -12,6 +13,7 @@ Arrays are loaded with allow_pickle=False: a cache entry is data, never code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,7 +45,8 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def fingerprint(files: list[str], cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize, cfg.max_image_pixels, cfg.interpolation]).encode())
+    # every decode setting, in Preprocess's field order: the same key as before it was one object
+    h.update(json.dumps([CACHE_VERSION, *dataclasses.astuple(cfg.decoding())]).encode())
     for f, full in zip(files, folders.abspaths(files)):
         name = os.fsencode(full)  # file names need not be UTF-8: hash their bytes
         try:
@@ -56,13 +59,13 @@ def fingerprint(files: list[str], cfg: DataConfig) -> str:
 
 def decode(files: list[str], cfg: DataConfig, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode `files` with the shared preprocessing -> ((N, 3, H, W) uint8, (N,) bool ok)."""
-    size = cfg.image_size
+    prep = cfg.decoding()
+    size = prep.size
     out = np.zeros((len(files), 3, size, size), dtype=np.uint8)
     ok = np.zeros(len(files), dtype=bool)
     pos = 0
     bar = progress_bar(len(files), f"decoding {len(files)} images")
-    for batch in images.decode_batches("", files, size, cfg.resize, CHUNK, workers, cfg.max_image_pixels,
-                                       cfg.interpolation):
+    for batch in images.decode_batches("", files, prep, CHUNK, workers):
         n = len(batch.paths)
         ok[pos : pos + n] = batch.ok
         out[pos : pos + n][batch.ok] = batch.pixels.transpose(0, 3, 1, 2)

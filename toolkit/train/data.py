@@ -84,8 +84,8 @@ def _cifar10(cfg: DataConfig) -> Dataset:
         from PIL import Image
 
         def resize_all(x):
-            return np.stack([images.resize(Image.fromarray(a), cfg.image_size, cfg.resize, cfg.interpolation)
-                             for a in x])
+            prep = cfg.decoding()
+            return np.stack([images.resize(Image.fromarray(a), prep) for a in x])
 
         xtr, xva = resize_all(xtr), resize_all(xva)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
@@ -166,8 +166,7 @@ def sample_images(split: Split, cfg: DataConfig, indices) -> tuple[torch.Tensor,
     out, kept = [], []
     for i in indices.tolist():
         try:
-            out.append(torch.from_numpy(images.load(split.files[i], cfg.image_size, cfg.resize, cfg.max_image_pixels,
-                                                    cfg.interpolation)))
+            out.append(torch.from_numpy(images.load(split.files[i], cfg.decoding())))
             kept.append(i)
         except images.DecodeError:
             continue

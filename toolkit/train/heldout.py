@@ -44,8 +44,8 @@ def test_accuracy(run_dir: Path, cfg: Config, ds, device) -> dict | None:
     workers = max(1, d.num_workers) if d.num_workers >= 0 else None
     correct, count, pos = 0, 0, 0
     with torch.no_grad():  # streamed in batches: a test set of any size, decoded once, never cached
-        for batch in images.decode_batches("", ds.test.files, meta.image_size, meta.resize, 256, workers,
-                                           d.max_image_pixels, meta.interpolation):
+        prep = images.Preprocess.of(meta, d.max_image_pixels)
+        for batch in images.decode_batches("", ds.test.files, prep, 256, workers):
             labels = ds.test.labels[pos : pos + len(batch.paths)][torch.from_numpy(batch.ok)]
             pos += len(batch.paths)
             if len(labels):

@@ -152,7 +152,7 @@ def usable_by_probe(files: Files, cfg: DataConfig) -> np.ndarray:
         if usable[c]:
             continue
         try:
-            images.load(path, cfg.image_size, cfg.resize, cfg.max_image_pixels, cfg.interpolation)
+            images.load(path, cfg.decoding())
             usable[c] = True
         except images.DecodeError:
             pass

@@ -57,10 +57,11 @@ def _flip_asymmetry(files: list[str], labels: list[int], num_classes: int) -> fl
     """
     import numpy as np
 
+    probe = images.Preprocess(16, "squash")  # a coarse 16 px squash probe, not the model's input
     sums, counts = np.zeros((num_classes, 16, 16)), np.zeros(num_classes)
     for f, c in zip(files, labels):
         try:
-            sums[c] += images.load(f, 16, "squash").mean(2) / 255.0
+            sums[c] += images.load(f, probe).mean(2) / 255.0
             counts[c] += 1
         except images.DecodeError:
             continue
