@@ -1,10 +1,14 @@
+import dataclasses
+import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.config import load_config
+from toolkit.config import DataConfig, load_config
+from toolkit.core.meta import MAX_PIXELS, Preprocess
 from toolkit.train import cache
 
 
@@ -58,8 +62,29 @@ def test_key_covers_list_size_and_policy(tmp_path, files):
     assert cache.fingerprint(files[:-1], _cfg(tmp_path)) != base
     assert cache.fingerprint(files, _cfg(tmp_path, "data.resize=squash")) != base
     assert cache.fingerprint(files, _cfg(tmp_path, "data.image_size=9")) != base
+    assert cache.fingerprint(files, _cfg(tmp_path, "data.max_image_pixels=5000")) != base
     os.utime(files[0], ns=(5, 5))
     assert cache.fingerprint(files, _cfg(tmp_path)) != base
+
+
+def test_key_covers_every_decode_setting(tmp_path, files, monkeypatch):
+    """Each field of Preprocess, changed alone, changes the key: a new decode setting enters it by itself."""
+    cfg = _cfg(tmp_path)
+    prep = cfg.decoding()
+    base = cache.fingerprint(files, cfg)
+    for f in dataclasses.fields(Preprocess):
+        value = getattr(prep, f.name)
+        changed = dataclasses.replace(prep, **{f.name: value + 1 if isinstance(value, int) else value + "_other"})
+        monkeypatch.setattr(DataConfig, "decoding", lambda self, changed=changed: changed)
+        assert cache.fingerprint(files, cfg) != base, f"Preprocess.{f.name} is not part of the cache key"
+
+
+def test_key_of_existing_settings_is_unchanged(tmp_path):
+    """Entries cached before the settings became one object are still found: same key for the same settings.
+    (A new Preprocess field changes every key, as it must: add its value to `old`.)"""
+    cfg = _cfg(tmp_path, "data.resize=squash", "data.interpolation=bicubic")
+    old = [cache.CACHE_VERSION, 8, "squash", MAX_PIXELS, "bicubic"]  # the key's settings, in their written order
+    assert cache.fingerprint([], cfg) == hashlib.sha256(json.dumps(old).encode()).hexdigest()[:24]
 
 
 def test_an_entry_decoded_with_another_filter_is_never_reused(tmp_path, counted):

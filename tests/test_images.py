@@ -1,5 +1,6 @@
 """The shared preprocessing: every odd or broken file either decodes to RGB or gives a short reason."""
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -282,3 +283,17 @@ def test_tiffs_pil_cannot_decode_are_read_with_tifffile(tmp_path):
     with pytest.raises(images.DecodeError, match=r"^unsupported image format \(HEIC"):
         images.load(tmp_path / "photo.jpg", images.Preprocess(8))
 
+
+def test_preprocess_comes_from_the_model_and_crosses_processes():
+    """Preprocess.of takes the model's input contract and the caller's pixel cap; it pickles (process pools, Ray)."""
+    import pickle
+
+    from toolkit.core.meta import Meta
+
+    meta = Meta("tutorial_net", ["a", "b"], 24, "squash", [0.5] * 3, [0.25] * 3, interpolation="bicubic")
+    prep = images.Preprocess.of(meta, 5000)
+    assert prep == images.Preprocess(24, "squash", 5000, "bicubic")
+    assert images.Preprocess.of(meta).max_pixels == images.MAX_PIXELS
+    assert pickle.loads(pickle.dumps(prep)) == prep
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prep.size = 32  # a shared setting is never changed in place

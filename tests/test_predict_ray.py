@@ -352,3 +352,22 @@ def test_a_deleted_output_is_predicted_again_and_a_busy_one_refused(ray_address,
     assert len(list(table.read_rows(out))) == 100
     assert not Lock(lock_path(out), "x").acquire().release()  # nothing left holding it
 
+
+def test_the_decode_only_steps_of_gpu_runs_decode_like_the_shared_preprocessing(corpus):
+    """The decode tasks of GPU runs (Ray's decode_chunks, the built-in engine's _decode) give the pixels and
+    reasons of images.decode_chunk with the same Preprocess; checked here without a GPU."""
+    import numpy as np
+
+    from toolkit.predict.answer import _decode
+    from toolkit.predict.ray_workers import _unpack, decode_chunks
+    from toolkit.predict.storage import Location
+
+    root, _ = corpus
+    rels = images.find_images(root)
+    prep = images.Preprocess(24, "squash", 10_000_000, "bicubic")
+    want = images.decode_chunk(rels, str(root), prep)
+    assert want.pixels.shape[1:] == (24, 24, 3) and not want.ok.all()  # the corpus has broken files
+    packed = decode_chunks({"chunk": np.array([0]), "paths": [[os.fsencode(r) for r in rels]]}, Location(root), prep)
+    for got in (_unpack(packed, 0, prep.size), _decode(rels, Location(root), prep)):
+        assert got.paths == rels and (got.ok == want.ok).all() and got.errors == want.errors
+        assert np.array_equal(got.pixels, want.pixels)
