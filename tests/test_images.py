@@ -140,6 +140,23 @@ def test_per_folder_path_helpers_give_exactly_what_os_path_and_pathlib_give(root
         assert folders.relpaths(files, start) == [os.path.relpath(f, start) for f in files]
 
 
+def test_the_old_import_path_keeps_the_old_signatures(tmp_path):
+    # scripts written before the package layout call toolkit.images.load(path, size, ...) (e.g. the fp16 check)
+    import toolkit.images as old
+    from toolkit.core.meta import Preprocess
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(path)
+    assert np.array_equal(old.load(path, 16), images.load(path, Preprocess(16)))
+    assert np.array_equal(old.load(path, 16, "squash", interpolation="bicubic"),
+                          images.load(path, Preprocess(16, "squash", interpolation="bicubic")))
+    with Image.open(path) as img:
+        assert np.array_equal(old.resize(img.convert("RGB"), 12, "squash"),
+                              images.resize(img.convert("RGB"), Preprocess(12, "squash")))
+    with pytest.raises(images.DecodeError):
+        old.load(path, 16, max_pixels=100)
+
+
 def test_decode_batches_keeps_order_and_reports_each_file(tmp_path):
     rng = np.random.default_rng(0)
     names = []
