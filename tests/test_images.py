@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.core import images
+from toolkit.core import formats, images
 
 
 def _save(img, path, **kw):
@@ -121,6 +121,12 @@ def test_walk_is_deterministic_recursive_and_case_insensitive(tmp_path):
     assert images.find_images(tmp_path) == ["a.JpEg", "folder.png", "z.gif", "b/1.jpg", "b/2.PNG", "c/d/e.webp",
                                             "folder.png/inner.bmp"]
     assert list(images.iter_images(tmp_path)) == images.find_images(tmp_path)
+    skipped = Counter()
+    images.find_images(tmp_path, skipped)  # the symlinked folder is counted as such, not as a file
+    assert dict(skipped) == {".txt": 1, formats.LINKED_FOLDER: 1}
+    assert formats.describe_skipped(skipped) == ("1 file(s): .txt 1 (not an image format this decoder reads); "
+                                                 "1 symlinked folder(s), not followed")
+
 
 
 @pytest.mark.parametrize("root", ["d", "d/", "./d", "d/../d", "/", ".", "", "d//e", "/tmp/x/../d"])

@@ -94,6 +94,16 @@ def test_json_lines_and_parquet_hold_the_same_rows(onnx_file, corpus, tmp_path):
     assert not (tmp_path / "p.parquet.partial.jsonl").exists()
 
 
+def test_a_folder_holding_only_a_symlinked_folder_says_so(tmp_path, onnx_file):
+    (tmp_path / "real").mkdir()
+    images.Image.new("RGB", (8, 8)).save(tmp_path / "real" / "a.png")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "photos").symlink_to(tmp_path / "real")
+    with pytest.raises(UserError, match=r"no image files under .*in' \(skipped 1 symlinked folder\(s\), not "
+                                        r"followed\)$"):
+        predict(onnx_file, tmp_path / "in", tmp_path / "p.csv")
+
+
 def test_a_topk_above_the_number_of_classes_ranks_them_all_and_says_so(onnx_file, shapes_dir, tmp_path, caplog):
     from toolkit.core.meta import read_meta
 

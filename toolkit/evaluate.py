@@ -72,7 +72,7 @@ def _evaluate(decoder, meta, predict, model, data_dir, batch_size: int, files=No
         raise UserError(f"'{data_dir}' has no image files in class subfolders"
                         + (f" (skipped {formats.describe_skipped(found.skipped)})" if found.skipped else ""))
     if found.skipped:
-        log.info("skipped %s: not an image format this decoder reads", formats.describe_skipped(found.skipped))
+        log.info("skipped %s", formats.describe_skipped(found.skipped))
     to_model = np.array([meta.class_names.index(c) if c is not None else -1 for c in folder_classes])
     truth = to_model[np.asarray(labels)]
     k = meta.num_classes

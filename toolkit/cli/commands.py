@@ -148,7 +148,7 @@ def cmd_predict(args) -> None:
     if summary.get("skipped"):
         from toolkit.core.formats import describe_skipped
 
-        print(f"  skipped {describe_skipped(summary['skipped'])} (not an image format this decoder reads)",
+        print(f"  skipped {describe_skipped(summary['skipped'])}",
               file=sys.stderr)
     print(f"{summary['ok']} ok, {summary['failed']} failed -> {summary['output']}")
 

@@ -77,9 +77,10 @@ def iter_images(root: str | Path, skipped: Counter | None = None, list_dir=None)
     decode); symlinked folders are not followed. A folder named like an image is listed too (it
     fails at decode: "is a folder"), and its contents are walked like any folder's.
     `list_dir(rel) -> [(name, is_folder), ...]` lists another kind of storage (object storage keys)
-    for the same walk; it raises OSError for a folder that cannot be listed.
+    for the same walk (is_folder None: a symlinked folder, counted in `skipped` as formats.LINKED_FOLDER);
+    it raises OSError for a folder that cannot be listed.
     """
-    list_dir = list_dir or (lambda rel: [(e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(Path(root) / rel)])
+    list_dir = list_dir or (lambda rel: [(e.name, _kind(e)) for e in os.scandir(Path(root) / rel)])
     stack = [""]  # relative folders still to walk, the next one last
     while stack:
         rel = stack.pop()
@@ -95,11 +96,20 @@ def iter_images(root: str | Path, skipped: Counter | None = None, list_dir=None)
                 continue
             if is_image_name(name):
                 yield f"{rel}/{name}" if rel else name
+            elif skipped is not None and is_dir is None:
+                skipped[formats.LINKED_FOLDER] += 1
             elif skipped is not None and not is_dir:
                 skipped[formats.extension_of(name)] += 1
             if is_dir:
                 subdirs.append(f"{rel}/{name}" if rel else name)
         stack.extend(reversed(subdirs))
+
+
+def _kind(entry: os.DirEntry) -> bool | None:
+    """True: a folder; False: anything else; None: a symlink to a folder (counted, not followed)."""
+    if entry.is_dir(follow_symlinks=False):
+        return True
+    return None if entry.is_symlink() and entry.is_dir() else False
 
 
 def find_images(root: str | Path, skipped: Counter | None = None) -> list[str]:

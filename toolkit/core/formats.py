@@ -56,11 +56,22 @@ def extension_of(name: str) -> str:
     return os.path.splitext(name)[1].lower() or "(none)"
 
 
+LINKED_FOLDER = "(symlinked folder)"  # how a walk counts a symlink to a folder: listed, never followed
+
+
 def describe_skipped(skipped: dict[str, int], limit: int = 6) -> str:
-    """{'.txt': 3, '.csv': 1} -> '4 files: .txt 3, .csv 1' (largest counts first)."""
-    top = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
-    text = ", ".join(f"{ext} {n}" for ext, n in top[:limit]) + (", ..." if len(top) > limit else "")
-    return f"{sum(skipped.values())} file(s): {text}"
+    """What a walk left out, counted by extension (and LINKED_FOLDER), largest counts first:
+    {'.txt': 3, '.csv': 1, LINKED_FOLDER: 2} -> '4 file(s): .txt 3, .csv 1 (not an image format this decoder
+    reads); 2 symlinked folder(s), not followed'."""
+    files = {k: n for k, n in skipped.items() if k != LINKED_FOLDER}
+    parts = []
+    if files:
+        top = sorted(files.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{ext} {n}" for ext, n in top[:limit]) + (", ..." if len(top) > limit else "")
+        parts.append(f"{sum(files.values())} file(s): {text} (not an image format this decoder reads)")
+    if skipped.get(LINKED_FOLDER):
+        parts.append(f"{skipped[LINKED_FOLDER]} symlinked folder(s), not followed")
+    return "; ".join(parts)
 
 
 def unsupported_format(path) -> str | None:

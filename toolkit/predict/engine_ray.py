@@ -140,7 +140,7 @@ def predict_ray(model: str | Path, input_dir: str | Path, output: str | Path = "
         files = list(source.iter_images(skipped))  # the driver holds the listing: ~170 MB per million files
         if not files:
             raise UserError(f"no image files under '{source}'" + (
-                f" (skipped {formats.describe_skipped(skipped)}: not an image format this decoder reads)"
+                f" (skipped {formats.describe_skipped(skipped)})"
                 if skipped else ""))
         chunks = list(images.chunked(files, chunk_size))
         digest = dataset.listing_digest(files)

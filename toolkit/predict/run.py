@@ -106,8 +106,7 @@ def predict(model: str | Path, input_dir: str | Path, output: str | Path = "pred
         batch_size = graph.fixed_batch
     skipped: Counter = Counter()
     if next(source.iter_images(skipped), None) is None:
-        raise UserError(f"no image files under '{source}'" + (f" (skipped {formats.describe_skipped(skipped)}: "
-                                                            "not an image format this decoder reads)" if skipped else ""))
+        raise UserError(f"no image files under '{source}'" + (f" (skipped {formats.describe_skipped(skipped)})" if skipped else ""))
     if fallback and not fallback.get("classes"):
         fallback = None  # nothing stated: the same run as no fallback at all
     run = {"model": str(model), "model_sha256": sha256_file(model), "input_dir": source.canonical(),

@@ -88,7 +88,7 @@ def find_files(cfg: DataConfig, seed: int) -> Files:
                             "taken out; add images to it or lower data.test_fraction")
     log.info("%s", layout.note + (f"; test: {out.test_source} ({len(out.test)} images)" if cfg.test_fraction else ""))
     if skipped:
-        log.info("skipped %s under %s: not an image format this decoder reads", formats.describe_skipped(skipped), root)
+        log.info("under %s: skipped %s", root, formats.describe_skipped(skipped))
     return out
 
 
