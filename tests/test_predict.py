@@ -342,6 +342,22 @@ def test_resume_refuses_other_settings(onnx_file, shapes_dir, tmp_path):
         predict(onnx_file, shapes_dir / "val", out, resume=True)
 
 
+def test_the_run_record_keeps_its_bytes_and_an_earlier_record_resumes(onnx_file, shapes_dir, tmp_path):
+    """The run record beside an output is a file format: one written by an earlier version still resumes."""
+    root, out, sidecar = shapes_dir / "val", tmp_path / "p.csv", tmp_path / "p.csv.run.json"
+    run = {"model": str(onnx_file), "model_sha256": hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest(),
+           "input_dir": str(root.resolve()), "topk": 2, "world_size": 1, "max_pixels": 10_000_000,
+           "fallback": None, "format": "csv", "outputs": "logits"}  # the keys, in the order they are written
+    run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    summary = predict(onnx_file, root, out, topk=2, max_pixels=10_000_000)
+    whole = out.read_bytes()
+    assert sidecar.read_text() == json.dumps({**run, "complete": True, "summary": summary, "output_bytes": len(whole)})
+    out.write_bytes(whole[: len(whole) // 2])  # an interrupted run: half its rows, its record as then written
+    sidecar.write_text(json.dumps({**run, "complete": False}))
+    assert predict(onnx_file, root, out, topk=2, max_pixels=10_000_000, resume=True) == summary
+    assert out.read_bytes() == whole
+
+
 def test_overwrite_keeps_the_old_output_when_the_new_run_cannot_start(onnx_file, shapes_dir, tmp_path):
     out = tmp_path / "p.csv"
     predict(onnx_file, shapes_dir / "val", out)
