@@ -8,10 +8,13 @@ merges the processes' parts afterwards. The rows come from table.py, the model s
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,49 @@ from toolkit.predict.runtime import OnnxClassifier
 from toolkit.predict.storage import Location
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the run, from the launcher's environment (RANK, WORLD_SIZE, ...)."""
+
+    rank: int = 0  # answers files rank, rank + world, ...; process 0 merges and reports
+    world: int = 1  # processes in the run
+    local_rank: int = 0  # the GPU this process uses
+    local_world: int = 1  # processes on this machine: they share its cores
+
+
+@dataclass(frozen=True)
+class Job:
+    """One local predict run, checked by predict(): the model, its reading, and how this process answers.
+
+    `record()` is the run record written beside the output, which a resume compares with its own; its
+    keys, their order and the run id are a file format (outputs written earlier must still resume).
+    """
+
+    source: Location  # the input folder (or URL)
+    model: str  # the .onnx file
+    model_sha256: str
+    outputs: str  # logits | probabilities | log-probabilities, from the graph or --outputs
+    fallback: dict | None  # --classes/--size/...: read when the model has no metadata; None: not given
+    fmt: str  # output format: csv | jsonl | parquet
+    topk: int  # asked for; the rows hold at most the number of classes
+    batch_size: int  # images per session run (the graph's fixed batch size, when it has one)
+    max_pixels: int  # larger images are refused undecoded
+    device: str  # cpu | cuda | auto (CUDA when present)
+    threads: int  # onnxruntime threads of the session here; 0: its default
+    workers: int | None  # decode processes; None: this process's share of the cores
+    resume: bool
+    overwrite: bool
+    process: Process
+
+    def record(self) -> dict:
+        """The run record (without "complete" and what a complete run adds), with its run id."""
+        run = {"model": self.model, "model_sha256": self.model_sha256, "input_dir": self.source.canonical(),
+               "topk": self.topk, "world_size": self.process.world, "max_pixels": self.max_pixels,
+               "fallback": self.fallback, "format": self.fmt, "outputs": self.outputs}
+        run["run_id"] = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+        return run
 
 
 _SESSIONS: dict[str, OnnxClassifier] = {}  # per process: each decode worker loads the model once
@@ -60,24 +106,24 @@ def _decode(paths: list[str], source: Location, prep: images.Preprocess) -> imag
     return source.decode(paths, prep)
 
 
-def answer_files(source: Location, target: Path, run: dict, rank: int, world: int, local_rank: int, local_world: int,
-                 resume: bool, workers, threads: int, device: str, batch_size: int, max_pixels: int, fallback,
-                 new_record: Path | None, skipped: Counter) -> tuple[table.Tally, int]:
-    """This process's share of the files, answered into `target` (continuing it when resuming); counts
+def answer_files(job: Job, target: Path, new_record: Path | None, skipped: Counter) -> tuple[table.Tally, int]:
+    """This process's share of the files of `job.source`, answered into `target` (continuing it when
+    resuming); writes the run record, not yet complete, to `new_record` once the model is loaded; counts
     the files that are not images into `skipped`.
     -> (tally, the top-k the rows have: --topk, at most the number of classes)."""
     from toolkit.core.progress import progress_bar
 
-    model, outputs = run["model"], run["outputs"]
-    cores = max(1, (os.cpu_count() or 1) // local_world)
-    load = (_load_session, (model, fallback, outputs)) if device == "cpu" else (None, ())
-    with images.Decoder(workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
-        clf = OnnxClassifier(model, threads, fallback, device, local_rank, checked=True, outputs=outputs)
-        topk = table.clip_topk(run["topk"], clf.meta.num_classes, say=rank == 0)
+    source, model, fallback, outputs, proc = job.source, job.model, job.fallback, job.outputs, job.process
+    rank, world = proc.rank, proc.world
+    cores = max(1, (os.cpu_count() or 1) // proc.local_world)
+    load = (_load_session, (model, fallback, outputs)) if job.device == "cpu" else (None, ())
+    with images.Decoder(job.workers or cores, *load) as decoder:  # fork the workers before onnxruntime starts threads
+        clf = OnnxClassifier(model, job.threads, fallback, job.device, proc.local_rank, checked=True, outputs=outputs)
+        topk = table.clip_topk(job.topk, clf.meta.num_classes, say=rank == 0)
         if new_record:
-            parts.write_json(new_record, {**run, "complete": False})
+            parts.write_json(new_record, {**job.record(), "complete": False})
         files = itertools.islice(source.iter_images(), rank, None, world)  # this process's share, lazily
-        writer = table.RowWriter(target, topk, resume)
+        writer = table.RowWriter(target, topk, job.resume)
         tally = table.Tally()
         for row in writer.existing_rows():  # resume: the rows must be the first files of the same walk
             expected = next(files, None)
@@ -92,15 +138,14 @@ def answer_files(source: Location, target: Path, run: dict, rank: int, world: in
         todo = sum(1 for _ in itertools.islice(source.iter_images(skipped), rank, None, world)) - tally.rows
         bar = progress_bar(todo, f"predicting {todo} files" + (f" (process 1 of {world})" if world > 1 else ""),
                            enabled=rank == 0)
-        prep = images.Preprocess.of(clf.meta, max_pixels)  # the model's decoding, this run's pixel cap
+        prep = images.Preprocess.of(clf.meta, job.max_pixels)  # the model's decoding, this run's pixel cap
+        batches = images.chunked(files, job.batch_size)
         try:
             if clf.device == "cpu":  # every worker decodes and infers its batch: no pixels cross processes
                 _SESSIONS[model] = clf  # used when there are no worker processes
-                answers = decoder.map(_answer, images.chunked(files, batch_size), source, model, fallback,
-                                      outputs, topk, prep)
+                answers = decoder.map(_answer, batches, source, model, fallback, outputs, topk, prep)
             else:  # one GPU session here; the workers only decode
-                answers = (_rows(clf, b, topk) for b in decoder.map(_decode, images.chunked(files, batch_size), source,
-                                                                    prep))
+                answers = (_rows(clf, b, topk) for b in decoder.map(_decode, batches, source, prep))
             for rows in answers:
                 writer.write(rows)
                 for row in rows:
