@@ -348,3 +348,41 @@ def test_resume_loads_the_states_weights_optimizer_and_position(tiny_run, tmp_pa
         assert r.state.epoch == 3 and r.state.step > 0
     finally:
         rundir.finish(r.accelerator)
+
+
+def test_a_resumed_run_names_the_settings_that_changed(tiny_run, tmp_path, caplog):
+    """The resume state records its settings: the warning names what changed, and a setting added to the
+    toolkit after the state was saved counts as unchanged while it holds its default."""
+    import json
+    import shutil
+
+    import toolkit.train.rundir as rundir
+    import toolkit.train.setup as setup
+
+    def warnings_of(overrides: list[str]) -> list[str]:
+        cfg = load_config(original, ["train.resume=auto", f"train.out_dir={tmp_path}", *overrides])
+        caplog.clear()
+        accelerator, run_dir, lock = rundir.start(cfg)
+        with caplog.at_level("WARNING", logger="toolkit"), lock:
+            r = setup.set_up(cfg, accelerator, run_dir)
+        rundir.finish(r.accelerator)
+        return [rec.getMessage() for rec in caplog.records if "resuming" in rec.getMessage()]
+
+    run = tmp_path / "quickstart"
+    shutil.copytree(tiny_run, run)
+    original = shutil.copy(run / "config.yaml", tmp_path / "original.yaml")  # a resumed run rewrites config.yaml
+    done = state.list_states(run / "state")[-1] / "done.json"
+    saved = json.loads(done.read_text())
+    epochs, lr = saved["config"]["train"]["epochs"], saved["config"]["optim"]["lr"]
+    [line] = warnings_of([f"train.epochs={epochs + 2}", "optim.lr=0.0123"])
+    assert line.endswith(f"with changed settings: optim.lr {lr} -> 0.0123; train.epochs {epochs} -> {epochs + 2}")
+
+    del saved["config"]["data"]["mixup"]  # a state saved before data.mixup existed
+    done.write_text(json.dumps({**saved, "config_hash": "older"}))
+    assert warnings_of([]) == []  # data.mixup at its default: nothing changed
+    [line] = warnings_of(["data.mixup=0.2"])
+    assert line.endswith("with changed settings: data.mixup (not set) -> 0.2")
+
+    done.write_text(json.dumps({**saved, "config_hash": "older", "config": None}))  # before settings were recorded
+    [line] = warnings_of([])
+    assert line.endswith("with a config that differs from the one it was saved with")

@@ -113,15 +113,20 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Hash of everything that decides what is trained (not where it is written)."""
+    def trained(self) -> dict:
+        """The settings that decide what is trained (not where it is written or how data is read), as JSON
+        values: what hash() hashes and a resume state records."""
         d = self.to_dict()
         for key in ("out_dir", "resume", "progress", "log_with", "checkpoint_every", "keep_states",
                     "collective_timeout"):
             d["train"].pop(key)
         for key in ("cache", "cache_dir", "memory_limit_gb", "num_workers", "download"):
             d["data"].pop(key)  # where and how data is read, not what is trained
-        blob = json.dumps(d, sort_keys=True).encode()
+        return json.loads(json.dumps(d))
+
+    def hash(self) -> str:
+        """Hash of everything that decides what is trained (not where it is written)."""
+        blob = json.dumps(self.trained(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -138,9 +138,22 @@ def _build_model(cfg: Config, ds, device, world: int, state_path: Path | None):
         except RuntimeError as e:
             raise UserError(f"resume state '{state_path}' does not fit the model: {str(e).splitlines()[0]}") from None
         if st.config_hash != cfg.hash():
-            log.warning("resuming %s with a config that differs from the one it was saved with", state_path)
+            _warn_changed_settings(state_path, st.config, cfg)
     st.arch, st.num_classes = cfg.model.arch, num_classes  # saved with every state
     return model, st, files
+
+
+def _warn_changed_settings(state_path: Path, saved: dict | None, cfg: Config) -> None:
+    """Name the settings that differ from those the resume state was saved with. A key the state does not know
+    (added to the toolkit after it was saved) counts as unchanged while it holds its default."""
+    if saved is None:
+        log.warning("resuming %s with a config that differs from the one it was saved with", state_path)
+        return
+    old, new, default = (rundir.flat(d) for d in (saved, cfg.trained(), Config().trained()))
+    changed = [f"{k} {old.get(k, '(not set)')} -> {new.get(k, '(removed)')}" for k in sorted(old.keys() | new.keys())
+               if old.get(k, default.get(k)) != new.get(k)]
+    if changed:
+        log.warning("resuming %s with changed settings: %s", state_path, "; ".join(changed))
 
 
 def _log_start(run: Run) -> None:

@@ -55,6 +55,7 @@ class TrainState:
     batch_size: int | None = None
     grad_accum: int | None = None
     config_hash: str | None = None  # of the config that saved the state
+    config: dict | None = None  # its Config.trained() settings (None: a state from before they were saved)
     class_names: list[str] | None = None  # index order of the weights' outputs (None: a state from before)
     data_fingerprint: str | None = None  # data.Dataset.fingerprint: file lists and labels it was trained on
     branch: str | None = None  # id of the training start that saved it (see HISTORY)
@@ -218,7 +219,7 @@ def save_resume(accelerator, raw_model, optimizer, st: TrainState, run_dir: Path
     if ema is not None:
         files["ema.safetensors"] = clean_state_dict(ema.state_dict())
     trainer = dataclasses.replace(st, world_size=accelerator.num_processes, batch_size=cfg.data.batch_size,
-                                  grad_accum=cfg.train.grad_accum, config_hash=cfg.hash())
+                                  grad_accum=cfg.train.grad_accum, config_hash=cfg.hash(), config=cfg.trained())
     save_state(run_dir / "state", st.step, files, trainer, cfg.train.keep_states)
 
 
