@@ -152,18 +152,29 @@ def find_labelled(root: str | Path, exclude: tuple[str, ...] = ()) -> Labelled:
     return found
 
 
-def relpaths(paths: list[str], start: str) -> list[str]:
-    """os.path.relpath(p, start) for each path, the same strings, with one relpath per folder rather than per
-    file (a folder of 40,000 images: 0.02 s instead of 0.4 s). File names are never '.' or '..'."""
-    folder_rel: dict[str, str] = {}
+def _per_folder(paths: list[str], of_folder) -> list[str]:
+    """of_folder(folder) joined with each path's file name, computed once per folder rather than per file (a
+    folder of 40,000 images: 0.02 s instead of 0.4 s). File names are never '.' or '..', so for os.path.relpath
+    and os.path.abspath this gives exactly what they give for the whole path."""
+    done: dict[str, str] = {}
     out = []
     for p in paths:
         folder, name = os.path.split(p)
-        rel = folder_rel.get(folder)
-        if rel is None:
-            rel = folder_rel[folder] = os.path.relpath(folder or os.curdir, start)
-        out.append(name if rel == os.curdir else os.path.join(rel, name))
+        base = done.get(folder)
+        if base is None:
+            base = done[folder] = of_folder(folder or os.curdir)
+        out.append(name if base == os.curdir else os.path.join(base, name))
     return out
+
+
+def relpaths(paths: list[str], start: str) -> list[str]:
+    """os.path.relpath(p, start) for each path, the same strings, one relpath per folder."""
+    return _per_folder(paths, lambda folder: os.path.relpath(folder, start))
+
+
+def abspaths(paths: list[str]) -> list[str]:
+    """os.path.abspath(p) for each path, the same strings, one abspath per folder."""
+    return _per_folder(paths, os.path.abspath)
 
 
 def under(folder: str | Path, rels: list[str]) -> list[str]:
@@ -171,19 +182,6 @@ def under(folder: str | Path, rels: list[str]) -> list[str]:
     without building a Path per file."""
     prefix = str(Path(folder) / "x")[:-1]  # the folder as Path spells it, with its separator ('' for '.')
     return [prefix + r for r in rels]
-
-
-def abspaths(paths: list[str]) -> list[str]:
-    """os.path.abspath(p) for each path, the same strings, with one abspath per folder rather than per file."""
-    folder_abs: dict[str, str] = {}
-    out = []
-    for p in paths:
-        folder, name = os.path.split(p)
-        full = folder_abs.get(folder)
-        if full is None:
-            full = folder_abs[folder] = os.path.abspath(folder or os.curdir)
-        out.append(os.path.join(full, name))
-    return out
 
 
 def write_file_list(path: str | Path, rels: list[str]) -> None:
